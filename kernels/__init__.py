@@ -1,0 +1,1 @@
+"""Fused kernels (installed as ``scpo_kernels``): Triton kernels, torch references, dispatch."""

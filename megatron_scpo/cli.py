@@ -1,0 +1,41 @@
+"""`scpo` command line: train, eval, report, convert, launch.
+
+Each subcommand's implementation lives in its package and is imported only when used, so
+`scpo --help` stays fast and does not import Megatron.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help); the module adds its own arguments via
+# `add_arguments(parser)` when it defines one.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("megatron_scpo.trainer.run", "main", "run warm-start SFT, stage 1 and stage 2 from a config"),
+    "eval": ("megatron_scpo.trainer.evaluate", "main", "evaluate a checkpoint on a config's eval set"),
+    "report": ("megatron_scpo.trainer.report", "main", "compare run dirs: Markdown table + PNG plot"),
+    "convert": ("megatron_scpo.convert.cli", "main", "convert checkpoints: hf-to-mcore, mcore-to-hf"),
+    "launch": ("megatron_scpo.launch_plan", "main", "print the per-node commands of a SLURM plan"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="scpo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, help_) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] not in SUBCOMMANDS:
+        parser.error(f"unknown command {argv[0]!r}; choose one of {list(SUBCOMMANDS)}")
+    module_name, func_name, _ = SUBCOMMANDS[argv[0]]
+    module = importlib.import_module(module_name)
+    return int(getattr(module, func_name)(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""The experiment config: one YAML file, validated into the sections each package owns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_scpo import configlib
+from megatron_scpo.algo.config import AlgoConfig
+from megatron_scpo.backend.config import ModelConfig, ParallelConfig
+from megatron_scpo.data.config import DataConfig
+from megatron_scpo.rollout.config import RolloutConfig
+from megatron_scpo.trainer.config import CheckpointConfig, LoggingConfig, OptimConfig, RLConfig
+
+ConfigError = configlib.ConfigError
+
+
+@dataclass
+class ExperimentConfig:
+    """Top level of every config under configs/."""
+
+    name: str = "experiment"
+    run_dir: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """YAML file + ``key.path=value`` overrides -> validated ExperimentConfig."""
+    return configlib.load(ExperimentConfig, path, overrides)
