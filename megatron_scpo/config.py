@@ -11,7 +11,16 @@ from megatron_scpo.algo.config import AlgoConfig
 from megatron_scpo.backend.config import ModelConfig, ParallelConfig
 from megatron_scpo.data.config import DataConfig
 from megatron_scpo.rollout.config import RolloutConfig
-from megatron_scpo.trainer.config import CheckpointConfig, LoggingConfig, OptimConfig, RLConfig
+from megatron_scpo.trainer.config import (
+    CheckpointConfig,
+    CompareConfig,
+    EvalConfig,
+    LoggingConfig,
+    OptimConfig,
+    RejectionSFTConfig,
+    RLConfig,
+    SFTConfig,
+)
 
 ConfigError = configlib.ConfigError
 
@@ -28,7 +37,11 @@ class ExperimentConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    warmstart: SFTConfig = field(default_factory=SFTConfig)
+    stage1: RejectionSFTConfig = field(default_factory=RejectionSFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -1,31 +1,139 @@
-"""Trainer sections of the experiment config."""
+"""Trainer sections of the experiment config.
+
+One section per stage of the pipeline (warm-start SFT -> stage 1 rejection-sampling SFT -> stage 2 RL),
+plus evaluation, the method comparison of the embedded default, checkpointing and logging.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Methods a comparison may run; kept in sync with algo.config.MethodName (the registry rejects others).
+CompareMethod = Literal["scpo", "lapo_stage1", "lapo_stage2", "calibration", "grpo", "global_length_penalty"]
 
 
 @dataclass
 class OptimConfig:
+    """Adam settings of stage 2 (the SFT stages have their own lr)."""
+
     lr: float = 1e-6
     weight_decay: float = 0.01
     clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0, got {self.clip_grad}")
 
 
 @dataclass
 class RLConfig:
     """Stage 2: RL steps with the configured method."""
 
+    enabled: bool = True
     steps: int = 150
     prompts_per_step: int = 64
     micro_batch_size: int = 8
+    mini_batches: int = 1  # optimizer updates per rollout step (papers: 1024 samples / 128 = 8 for LAPO)
     seed: int = 1234
+    sync_check_sequences: int = 2  # post-sync check: sequences scored by engine and trainer
+    importance_micro_batch: int = 32  # teacher-forced scoring batch for the SCPO importance estimator
+    overlong_reward: Literal["keep", "zero_advantage"] = "keep"  # truncated samples: keep method's reward or mask
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        for name in ("prompts_per_step", "micro_batch_size", "mini_batches", "importance_micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SFTConfig:
+    """Warm start: SFT on verbose synthetic traces so the tiny model becomes a "long-CoT" reasoner."""
+
+    enabled: bool = False
+    steps: int = 300
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    trace: Literal["verbose", "concise"] = "verbose"
+    log_every: int = 20
+
+    def validate(self) -> None:
+        if self.enabled and (self.steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1):
+            raise ValueError("steps, batch_size and micro_batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class RejectionSFTConfig:
+    """Stage 1: sample N per problem, keep verified-correct, pick short ones, SFT on response tokens."""
+
+    enabled: bool = False
+    n_prompts: int = 128
+    n_samples: int = 8
+    temperature: float = 1.0
+    select: Literal["shortest", "below_median"] = "shortest"
+    epochs: int = 1
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    lr: float = 1e-4
+
+    def validate(self) -> None:
+        if self.enabled and min(self.n_prompts, self.n_samples, self.epochs, self.batch_size) < 1:
+            raise ValueError("n_prompts, n_samples, epochs and batch_size must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after each stage (and by `scpo eval`): pass@1, pass@k, tokens, AE, per difficulty."""
+
+    enabled: bool = True
+    n_prompts: int = 128
+    n_samples: int = 4  # samples per prompt; pass@k for every k in pass_k <= n_samples
+    pass_k: list[int] = field(default_factory=lambda: [1, 4])
+    temperature: float = 0.6
+    top_p: float = 1.0
+    greedy: bool = False
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+    seed: int = 4321
+
+    def validate(self) -> None:
+        if self.n_prompts < 1 or self.n_samples < 1:
+            raise ValueError("n_prompts and n_samples must be >= 1")
+        bad = [k for k in self.pass_k if k < 1 or k > self.n_samples]
+        if bad:
+            raise ValueError(f"pass_k values {bad} must be in [1, n_samples={self.n_samples}]")
+
+
+@dataclass
+class CompareConfig:
+    """Run stage 2 once per method from the same stage-1 checkpoint and report them side by side.
+
+    Empty ``methods``: a single stage 2 with ``algo.method``.
+    """
+
+    methods: list[CompareMethod] = field(default_factory=list)
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 25  # steps; 0 disables
+    interval: int = 25  # RL steps; 0 disables periodic checkpoints (stage ends are always saved)
     keep: int = 2
+
+    def validate(self) -> None:
+        if self.interval < 0 or self.keep < 1:
+            raise ValueError(f"interval must be >= 0 and keep >= 1, got {self.interval}, {self.keep}")
 
 
 @dataclass
@@ -33,3 +141,5 @@ class LoggingConfig:
     jsonl: bool = True
     tensorboard: bool = True
     wandb_project: str | None = None
+    stdout: bool = True
+    progress: bool = True  # tqdm bars for long loops
