@@ -1,0 +1,115 @@
+"""Trainer infrastructure without a model: metrics sinks, atomic checkpoints, pass@k/AE, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_scpo.trainer.checkpoint import STATE_FILE, CheckpointManager
+from megatron_scpo.trainer.config import LoggingConfig
+from megatron_scpo.trainer.evaluate_math import ae_score, aggregate, pass_at_k
+from megatron_scpo.trainer.metrics import MetricsLogger, PhaseTimer, read_metrics
+from megatron_scpo.trainer.report import write_report
+
+
+def test_metrics_jsonl_tensorboard_and_nonfinite(tmp_path, capsys):
+    log = MetricsLogger(tmp_path, LoggingConfig(tensorboard=True))
+    t = PhaseTimer()
+    with t.phase("rollout"):
+        pass
+    log.log("rl/scpo", 1, {"reward/mean": torch.tensor(0.5), "loss": float("nan"), **t.metrics()})
+    log.log("rl/scpo", 2, {"reward/mean": 0.25})
+    log.close()
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2]
+    assert recs[0]["reward/mean"] == 0.5 and recs[0]["loss"] is None and recs[0]["nonfinite_metrics"] == 1
+    for phase in ("rollout", "old_logprob", "importance", "train", "sync"):
+        assert f"time/{phase}" in recs[0]
+    assert "NONFINITE ['loss']" in capsys.readouterr().out
+    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
+    # resume truncation drops records written after the checkpoint
+    log2 = MetricsLogger(tmp_path, LoggingConfig(tensorboard=False))
+    assert log2.num_records() == 2
+    log2.truncate(1)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_checkpoint_atomic_latest_keep_and_rng(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=2)
+
+    def save_model(d):
+        d.mkdir(parents=True)
+        (d / "weights.bin").write_bytes(b"w")
+
+    for step in (1, 2, 3):
+        random.seed(step)
+        mgr.save(step, {"stage": "rl", "rl_step": step}, save_model)
+    names = [p.name for p in mgr.complete()]
+    assert names == ["step_000002", "step_000003"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    # a crashed save (temp dir without trainer state) is never picked up
+    (tmp_path / "checkpoints" / "step_000004.tmp" / "model").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000005").mkdir()
+    assert mgr.latest().name == "step_000003"
+    # RNG round trip: the draws after load equal the draws after save
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    mgr.save(6, {"stage": "rl"}, save_model, snapshot="stage1")
+    expect = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    loaded = []
+    state = mgr.load(mgr.snapshot("stage1"), load_model=loaded.append)
+    assert state["global_step"] == 6 and loaded[0].name == "model"
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+    # the snapshot is not a step checkpoint and does not move `latest`
+    assert mgr.latest().name == "step_000003" and (mgr.snapshot("stage1") / STATE_FILE).is_file()
+
+
+def test_pass_at_k_matches_enumeration():
+    for n, c, k in [(4, 1, 2), (5, 2, 3), (6, 0, 2), (6, 6, 4), (8, 3, 1), (7, 4, 5)]:
+        subsets = list(combinations([True] * c + [False] * (n - c), k))
+        brute = sum(any(s) for s in subsets) / len(subsets)
+        assert math.isclose(pass_at_k(n, c, k), brute, rel_tol=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_ae_score_reproduces_paper_rows():
+    # papers.md 3.5: base 9980 tokens / 60.7 acc; SmartThinker 5166 / 61.9 -> 0.54; ShorterBetter 2327 / 52.3 -> 0.07
+    assert round(ae_score(60.7, 61.9, 9980, 5166), 2) == 0.54
+    sb_len = (1008 + 3727 + 2246) / 3
+    assert round(ae_score(60.7, 52.3, 9980, sb_len), 2) == 0.07
+    assert ae_score(0.0, 0.5, 100, 50) is None
+
+
+def test_aggregate_and_report(tmp_path):
+    def samples(scale: float, acc_pattern: list[bool]):
+        out = []
+        for p in range(4):
+            for ok in acc_pattern:
+                out.append({"prompt_id": p, "difficulty": 1 + p % 2, "correct": ok, "n_tokens": scale * (10 + p),
+                            "critical": 4.0, "redundant": scale * 6.0 - 2.0 if scale < 1 else 6.0})
+        return out
+
+    base = aggregate(samples(1.0, [True, False]), pass_k=[1, 2])
+    assert base["pass@1"] == 0.5 and base["pass@k"]["2"] == 1.0 and base["mean_tokens"] == 11.5
+    assert set(base["per_difficulty"]) == {"1", "2"} and base["per_difficulty"]["2"]["mean_tokens"] == 12.0
+    short = aggregate(samples(0.5, [True, True]), pass_k=[1, 2])
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "warmstart.json").write_text(json.dumps({**base, "label": "warmstart"}))
+    (run / "eval" / "rl_scpo.json").write_text(json.dumps({**short, "label": "rl_scpo"}))
+    text = write_report([run], run)
+    rows = [line for line in text.splitlines() if line.startswith("| rl_scpo")]
+    # tokens halve (-50%), accuracy 0.5 -> 1.0: AE = 0.5 + 3 * 1.0 = 3.5; redundant 6 -> 1 removes 83.3%
+    assert "-50.0%" in rows[0] and "3.50" in rows[0] and "83.3%" in rows[0] and "100.0%" in rows[0]
+    assert (run / "report.png").stat().st_size > 1000
