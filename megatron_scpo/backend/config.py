@@ -21,9 +21,12 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
+    vpp: int = 1  # virtual pipeline chunks per PP stage (interleaved 1F1B); 1 = off
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
 
     def validate(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.tp < 1 or self.pp < 1 or self.vpp < 1:
+            raise ValueError(f"tp, pp and vpp must be >= 1, got tp={self.tp} pp={self.pp} vpp={self.vpp}")
+        if self.vpp > 1 and self.pp == 1:
+            raise ValueError(f"vpp={self.vpp} needs pp > 1")
