@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+
+@dataclass
+class SyntheticConfig:
+    """The arithmetic-chain task (data/synthetic.py): sizes, difficulty range, value range, seed."""
+
+    n_train: int = 2000
+    n_eval: int = 200
+    min_ops: int = 1
+    max_ops: int = 4
+    max_operand: int = 9
+    max_value: int = 50  # every intermediate value stays in [0, max_value]
+    eval_percent: int = 10  # share of the problem space (by hash) reserved for eval
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.n_train < 0 or self.n_eval < 0:
+            raise ValueError(f"n_train/n_eval must be >= 0, got {self.n_train}, {self.n_eval}")
+        if not 1 <= self.min_ops <= self.max_ops:
+            raise ValueError(f"need 1 <= min_ops <= max_ops, got min_ops={self.min_ops}, max_ops={self.max_ops}")
+        if self.max_operand < 2 or self.max_value < 2 * self.max_operand:
+            raise ValueError(f"need max_operand >= 2 and max_value >= 2 * max_operand, got {self.max_operand}, "
+                             f"{self.max_value}")
+        if not 1 <= self.eval_percent <= 50:
+            raise ValueError(f"eval_percent must be in 1..50, got {self.eval_percent}")
 
 
 @dataclass
@@ -13,9 +38,17 @@ class DataConfig:
     source: Literal["synthetic", "file"] = "synthetic"
     train_path: str | None = None
     eval_path: str | None = None
-    template: Literal["raw_think", "chat"] = "raw_think"
+    # File field names; None auto-detects (problem/question/prompt..., answer/solution/..., id/uid/...).
+    problem_field: str | None = None
+    answer_field: str | None = None
+    id_field: str | None = None
+    template: Literal["raw_think", "chat", "synthetic"] = "raw_think"
     max_prompt_tokens: int = 128
+    shuffle_seed: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self) -> None:
         if self.source == "file" and not self.train_path:
             raise ValueError("source: file needs train_path")
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
