@@ -1,6 +1,7 @@
 """Typed knobs of the algorithms (pure dataclasses: no I/O, no Megatron).
 
 Names follow the papers (see docs/algorithms.md for the mapping). The algo helper owns this file.
+Every SCPO knob is part of our *reconstruction* of SmartThinker-v1 (the method section was unavailable).
 """
 
 from __future__ import annotations
@@ -11,9 +12,21 @@ from typing import Literal
 MethodName = Literal["scpo", "lapo_stage1", "lapo_stage2", "calibration", "grpo", "global_length_penalty"]
 
 
+def _check_range(obj: object, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = True) -> None:
+    v = getattr(obj, name)
+    ok_lo = v > lo if lo_open else v >= lo
+    ok_hi = v < hi if hi_open else v <= hi
+    if not (ok_lo and ok_hi):
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}, got {v}")
+
+
 @dataclass
 class ClipConfig:
-    """Clip range of the ratio; difficulty-adaptive per prompt for SCPO."""
+    """Clip range of the ratio; difficulty-adaptive per prompt for SCPO (reconstructed rule).
+
+    adaptive: eps(q) = eps_min + (eps_max - eps_min) * p(q), p = group accuracy (1 - p with invert).
+    """
 
     eps_low: float = 0.2
     eps_high: float = 0.2
@@ -29,6 +42,10 @@ class ClipConfig:
         for name in ("eps_low", "eps_high", "eps_low_min", "eps_low_max", "eps_high_min", "eps_high_max"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eps_low_min > self.eps_low_max:
+            raise ValueError(f"eps_low_min ({self.eps_low_min}) must be <= eps_low_max ({self.eps_low_max})")
+        if self.eps_high_min > self.eps_high_max:
+            raise ValueError(f"eps_high_min ({self.eps_high_min}) must be <= eps_high_max ({self.eps_high_max})")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
 
@@ -42,6 +59,170 @@ class LossConfig:
     tis_cap: float | None = None  # truncated importance sampling cap (rollout vs trainer log-probs)
     norm_length: int = 1024  # constant normalizer of seq-mean-token-sum-norm
 
+    def validate(self) -> None:
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
+        if self.norm_length <= 0:
+            raise ValueError(f"norm_length must be > 0, got {self.norm_length}")
+
+
+@dataclass
+class AdvantageConfig:
+    """Group normalization of sequence rewards (GRPO); scale_std=false is Dr.GRPO."""
+
+    scale_std: bool = True
+    unbiased_std: bool = True  # torch.std default, as in verl / OpenRLHF group_norm
+    eps: float = 1e-6
+
+    def validate(self) -> None:
+        _check_range(self, "eps", 0.0, 1.0, lo_open=True)
+
+
+@dataclass
+class SegmentationConfig:
+    """Reasoning text -> steps (reconstructed SCPO segmentation)."""
+
+    delimiter: str = r"\n\n"  # regex; the delimiter stays with the step it ends
+    min_step_tokens: int = 5  # shorter steps merge into the previous one
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    answer_marker: str = r"\boxed{"  # without think_close: the line of the last marker starts the answer step
+
+    def validate(self) -> None:
+        import re
+
+        if not self.delimiter:
+            raise ValueError("delimiter must be a non-empty regex")
+        try:
+            re.compile(self.delimiter)
+        except re.error as e:
+            raise ValueError(f"delimiter {self.delimiter!r} is not a valid regex: {e}") from None
+        if self.min_step_tokens < 1:
+            raise ValueError(f"min_step_tokens must be >= 1, got {self.min_step_tokens}")
+
+
+@dataclass
+class ImportanceConfig:
+    """SCPO online importance estimator (reconstructed): teacher-forced answer log-probs per prefix."""
+
+    mode: Literal["prefix_gain", "leave_one_out"] = "prefix_gain"
+    normalize: Literal["minmax", "softmax"] = "minmax"
+    temperature: float = 1.0  # softmax temperature
+    max_scored_steps: int = 16  # adjacent steps merge so at most this many units are scored per response
+    forcing_suffix: str = "\n</think>\n\nThe answer is \\boxed{"
+    answer_closing: str = "}"
+    answer_step_importance: float = 1.0  # the answer step is never scored: it holds the answer itself
+
+    def validate(self) -> None:
+        _check_range(self, "temperature", 0.0, float("inf"), lo_open=True)
+        if self.max_scored_steps < 1:
+            raise ValueError(f"max_scored_steps must be >= 1, got {self.max_scored_steps}")
+        _check_range(self, "answer_step_importance", 0.0, 1.0, hi_open=False)
+
+
+@dataclass
+class ScpoConfig:
+    """SCPO step-level length-control reward + S-GAE (reconstructed from the survey row, see docs).
+
+    correct:   r_j = (1 - k1*sigmoid((1-w_j) z(l_j))) * (1 - k2*sigmoid(z(L)))
+    incorrect: r_j = -exp(-rho * (K - j) / k0)   (k0 = K when null)
+    """
+
+    k1: float = 0.5
+    k2: float = 0.5
+    rho: float = 1.0
+    k0: float | None = None
+    advantage: Literal["s_gae", "split", "critic"] = "s_gae"
+    gamma: float = 1.0
+    lam: float = 0.5  # critic-free S-GAE decays by gamma*lam per step (0.5: horizon of a few steps)
+    reduce: Literal["sum", "mean"] = "sum"  # mean: discounted average instead of discounted sum
+    len_coef: float = 1.0  # split form: A = A_outcome + len_coef * A_len
+    std_eps: float = 1e-6
+
+    def validate(self) -> None:
+        _check_range(self, "k1", 0.0, 1.0, hi_open=False)
+        _check_range(self, "k2", 0.0, 1.0, hi_open=False)
+        _check_range(self, "rho", 0.0, float("inf"))
+        if self.k0 is not None and self.k0 <= 0:
+            raise ValueError(f"k0 must be > 0 or null, got {self.k0}")
+        _check_range(self, "gamma", 0.0, 1.0, hi_open=False)
+        _check_range(self, "lam", 0.0, 1.0, hi_open=False)
+        _check_range(self, "len_coef", 0.0, float("inf"))
+        _check_range(self, "std_eps", 0.0, 1.0, lo_open=True)
+
+
+@dataclass
+class LapoConfig:
+    """LAPO (Wu et al. 2507.15758): stage-1 length band, stage-2 budget prompt + Gaussian adherence."""
+
+    alpha: float = 0.7  # stage-1 length-reward weight
+    beta: float = 0.8  # stage-2 weight (code 0.8; paper section 5 says 0.7)
+    sigma: float = 120.0  # stage-2 Gaussian width (code only)
+    band_low_pct: float = 30.0
+    band_high_pct: float = 70.0
+    decay_width: float = 100.0  # stage-1 bonus decays linearly to 0 this many tokens outside the band
+    default_budget: int = 4096  # M(q) of unsolved prompts
+    budget_template: str = " I will answer the question with {n} tokens."
+    think_open: str = "<think>"
+
+    def validate(self) -> None:
+        _check_range(self, "alpha", 0.0, float("inf"))
+        _check_range(self, "beta", 0.0, float("inf"))
+        _check_range(self, "sigma", 0.0, float("inf"), lo_open=True)
+        _check_range(self, "decay_width", 0.0, float("inf"), lo_open=True)
+        if not 0.0 <= self.band_low_pct <= self.band_high_pct <= 100.0:
+            raise ValueError(
+                f"need 0 <= band_low_pct <= band_high_pct <= 100, got {self.band_low_pct}, {self.band_high_pct}"
+            )
+        if self.default_budget <= 0:
+            raise ValueError(f"default_budget must be > 0, got {self.default_budget}")
+        if "{n}" not in self.budget_template:
+            raise ValueError(f"budget_template must contain '{{n}}', got {self.budget_template!r}")
+
+
+@dataclass
+class CalibrationConfig:
+    """Progressive length calibration (Hu et al. 2603.08000): Gaussian l_opt, ReLU penalty, dynamic Lambda."""
+
+    variance: Literal["population", "unbiased"] = "population"  # sync code: population; async: unbiased
+    normalize: Literal["combined", "accuracy"] = "combined"  # std of r (sync) or of r_acc (async)
+    eps: float = 1e-6
+
+    def validate(self) -> None:
+        _check_range(self, "eps", 0.0, 1.0, lo_open=True)
+
+
+@dataclass
+class LengthPenaltyConfig:
+    """Global length penalty baselines: Arora-Zanette sigmoid (group-normalized) or Kimi k1.5."""
+
+    style: Literal["arora_zanette", "kimi"] = "arora_zanette"
+    alpha: float = 0.2  # arora_zanette: r = S * (1 - alpha * sigmoid(z(L)))
+    kimi_weight: float = 1.0  # kimi: r = S + weight * lambda_len
+
+    def validate(self) -> None:
+        _check_range(self, "alpha", 0.0, 1.0, hi_open=False)
+        _check_range(self, "kimi_weight", 0.0, float("inf"))
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO soft overlong punishment, added to the sequence reward (grpo, global_length_penalty, lapo_*)."""
+
+    enabled: bool = False
+    max_length: int = 4096
+    cache_length: int = 512
+    penalty_factor: float = 1.0
+
+    def validate(self) -> None:
+        if self.max_length <= 0 or not 0 < self.cache_length <= self.max_length:
+            raise ValueError(
+                f"need max_length > 0 and 0 < cache_length <= max_length, got {self.max_length}, {self.cache_length}"
+            )
+        _check_range(self, "penalty_factor", 0.0, float("inf"))
+
 
 @dataclass
 class AlgoConfig:
@@ -50,3 +231,18 @@ class AlgoConfig:
     method: MethodName = "scpo"
     clip: ClipConfig = field(default_factory=ClipConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    scpo: ScpoConfig = field(default_factory=ScpoConfig)
+    lapo: LapoConfig = field(default_factory=LapoConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+
+    def validate(self) -> None:
+        if self.overlong.enabled and self.method in ("scpo", "calibration"):
+            raise ValueError(
+                f"overlong.enabled is not supported with method {self.method!r} (it would break the method's "
+                "reward invariants); use grpo, global_length_penalty, lapo_stage1 or lapo_stage2"
+            )

@@ -1,0 +1,1 @@
+"""Reward functions: SCPO step rewards, LAPO, progressive calibration and baselines (pure torch)."""
