@@ -1,0 +1,54 @@
+"""``scpo convert``: hf-to-mcore / mcore-to-hf.
+
+Single process: ``scpo convert hf-to-mcore --hf DIR --out DIR`` (a private 1-rank gloo group).
+Several ranks (bigger models, or to write at TP/PP > 1): ``torchrun --nproc_per_node N -m megatron_scpo.cli
+convert hf-to-mcore ... --tp T --pp P`` (T*P must divide N; the rest is data parallel).
+Bad input prints one ``error:`` line and exits 2; nothing is left in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch.distributed as dist
+
+from megatron_scpo.configlib import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scpo convert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors dir -> megatron dist checkpoint (torch_dist)")
+    a.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    a.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    a.add_argument("--tp", type=int, default=1, help="tensor parallel size to write at (default 1)")
+    a.add_argument("--pp", type=int, default=1, help="pipeline parallel size to write at (default 1)")
+    b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint (any TP/PP) -> HF safetensors dir")
+    b.add_argument("--mcore", required=True, help="megatron dist checkpoint directory")
+    b.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    b.add_argument("--hf-config", default=None, help="HF config/tokenizer dir (default: the checkpoint's hf/)")
+    b.add_argument("--tp", type=int, default=1, help="tensor parallel size to load at (default 1)")
+    b.add_argument("--pp", type=int, default=1, help="pipeline parallel size to load at (default 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from megatron_scpo.convert import checkpoint
+
+    try:
+        if args.direction == "hf-to-mcore":
+            out = checkpoint.hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp)
+        else:
+            out = checkpoint.mcore_to_hf(args.mcore, args.out, args.hf_config, tp=args.tp, pp=args.pp)
+    except (ValueError, ConfigError) as e:  # ConversionError, ParallelLayoutError, UnsupportedModelError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
