@@ -20,6 +20,7 @@ from megatron_scpo.trainer.config import (
     RejectionSFTConfig,
     RLConfig,
     SFTConfig,
+    TinyModelConfig,
 )
 
 ConfigError = configlib.ConfigError
@@ -32,6 +33,7 @@ class ExperimentConfig:
     name: str = "experiment"
     run_dir: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
+    tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

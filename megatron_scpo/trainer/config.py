@@ -41,7 +41,7 @@ class RLConfig:
     micro_batch_size: int = 8
     mini_batches: int = 1  # optimizer updates per rollout step (papers: 1024 samples / 128 = 8 for LAPO)
     seed: int = 1234
-    sync_check_sequences: int = 2  # post-sync check: sequences scored by engine and trainer
+    sync_check: bool = True  # post-sync check after every weight sync (rollout.check_num_sequences sequences)
     importance_micro_batch: int = 32  # teacher-forced scoring batch for the SCPO importance estimator
     overlong_reward: Literal["keep", "zero_advantage"] = "keep"  # truncated samples: keep method's reward or mask
 
@@ -124,6 +124,30 @@ class CompareConfig:
     """
 
     methods: list[CompareMethod] = field(default_factory=list)
+
+
+@dataclass
+class TinyModelConfig:
+    """The locally built model when ``model.hf_path`` is null (data.tiny_model.tiny_llama_config)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 64
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+    def overrides(self) -> dict[str, int]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "seed"}
+
+    def validate(self) -> None:
+        if self.hidden_size != self.num_attention_heads * self.head_dim:
+            raise ValueError(f"hidden_size {self.hidden_size} != num_attention_heads {self.num_attention_heads} "
+                             f"* head_dim {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
 
 @dataclass

@@ -1,0 +1,78 @@
+"""Packing (prompt, response) token lists into the padded tensors the backend trains on.
+
+Layout: right-padded rows ``[prompt | response | pad]`` of length S. Per-token response quantities
+(advantages, rollout log-probs, step ids) are given per response token ``[B, T]`` and land at the same
+positions as the tokens themselves, matching the backend's log-prob convention
+``logprobs[b, t] = log p(input_ids[b, t] | input_ids[b, :t])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PackedBatch:
+    input_ids: Tensor  # [B, S] long
+    attention_mask: Tensor  # [B, S] bool: prompt + response
+    loss_mask: Tensor  # [B, S] bool: response tokens only
+    prompt_lens: list[int]
+    response_lens: list[int]
+
+    def scatter(self, per_token: Tensor, fill: float = 0.0) -> Tensor:
+        """Response-aligned ``[B, T]`` -> sequence-aligned ``[B, S]`` (zeros/``fill`` elsewhere)."""
+        b, s = self.input_ids.shape
+        out = torch.full((b, s), fill, dtype=per_token.dtype)
+        for i, (p, n) in enumerate(zip(self.prompt_lens, self.response_lens)):
+            out[i, p:p + n] = per_token[i, :n]
+        return out
+
+    def gather(self, per_position: Tensor) -> Tensor:
+        """Sequence-aligned ``[B, S]`` -> response-aligned ``[B, T]`` (T = longest response, zero padded)."""
+        t = max(self.response_lens, default=0)
+        out = torch.zeros(len(self.prompt_lens), t, dtype=per_position.dtype)
+        for i, (p, n) in enumerate(zip(self.prompt_lens, self.response_lens)):
+            out[i, :n] = per_position[i, p:p + n]
+        return out
+
+    def select(self, idx: Sequence[int]) -> PackedBatch:
+        """Rows ``idx`` (for mini-batches), trimmed to their own longest row."""
+        ix = torch.as_tensor(list(idx), dtype=torch.long)
+        s = max(self.prompt_lens[i] + self.response_lens[i] for i in idx)
+        return PackedBatch(self.input_ids[ix, :s], self.attention_mask[ix, :s], self.loss_mask[ix, :s],
+                           [self.prompt_lens[i] for i in idx], [self.response_lens[i] for i in idx])
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+         multiple_of: int = 1) -> PackedBatch:
+    """Right-pad ``prompt + response`` rows to one length (rounded up to ``multiple_of``)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"pack: {len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        raise ValueError("pack: empty batch")
+    lens = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    s = max(lens)
+    s = -(-s // multiple_of) * multiple_of
+    ids = torch.full((len(lens), s), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(lens), s, dtype=torch.bool)
+    loss = torch.zeros(len(lens), s, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, :len(p) + len(r)] = torch.as_tensor(list(p) + list(r), dtype=torch.long)
+        attn[i, :len(p) + len(r)] = True
+        loss[i, len(p):len(p) + len(r)] = True
+    return PackedBatch(ids, attn, loss, [len(p) for p in prompts], [len(r) for r in responses])
+
+
+def pad_response_tensors(rows: Sequence[Sequence[float]], dtype: torch.dtype = torch.float32,
+                         fill: float = 0.0) -> Tensor:
+    """Ragged per-token lists -> ``[B, T]`` padded with ``fill``."""
+    t = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), t), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, :len(r)] = torch.as_tensor(list(r), dtype=dtype)
+    return out

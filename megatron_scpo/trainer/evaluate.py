@@ -1,0 +1,123 @@
+"""Evaluation: pass@1, pass@k, mean tokens, AE, per difficulty, and critical vs redundant tokens.
+
+``evaluate(rt, records, label)`` runs inside a training run (after each stage) on the rollout engine
+of rank 0 and writes ``RUN_DIR/eval/<label>.json``. ``scpo eval CONFIG`` evaluates a run's checkpoint
+(``--run-dir`` + ``--checkpoint``) or a plain HF model dir (``--hf``) without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_scpo.trainer.evaluate_math import ae_score, aggregate
+
+
+def score_samples(records: Sequence[Any], outputs: Sequence[Sequence[Any]], tokenizer: Any,
+                  synthetic_task: bool) -> list[dict[str, Any]]:
+    """Engine outputs -> per-sample records for ``aggregate`` (correctness, tokens, step-kind tokens)."""
+    from megatron_scpo.data.answers import is_correct
+    from megatron_scpo.trainer.rl import token_offsets
+
+    out = []
+    for rec, samples in zip(records, outputs):
+        for s in samples:
+            row: dict[str, Any] = {"prompt_id": rec.id, "correct": bool(is_correct(s.text, rec.answer)),
+                                   "n_tokens": len(s.token_ids), "truncated": s.finish_reason == "length"}
+            diff = (rec.meta or {}).get("difficulty")
+            if diff is not None:
+                row["difficulty"] = diff
+            if synthetic_task:
+                from megatron_scpo.data.synthetic import critical_redundant_tokens
+
+                crit, red = critical_redundant_tokens(rec.problem, s.text, token_offsets(tokenizer, s.token_ids,
+                                                                                         s.text))
+                row["critical"], row["redundant"] = crit, red
+            out.append(row)
+    return out
+
+
+def run_eval(engine: Any, tokenizer: Any, cfg: Any, records: Sequence[Any], encode: Any) -> dict[str, Any]:
+    """Generate ``eval.n_samples`` per record with the eval sampling settings and aggregate."""
+    from megatron_scpo.data.templates import render_prompt
+    from megatron_scpo.rollout.base import SamplingParams
+
+    e = cfg.eval
+    params = SamplingParams(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, temperature=e.temperature,
+                            top_p=e.top_p, stop_token_ids=[int(tokenizer.eos_token_id)], seed=e.seed,
+                            greedy=e.greedy)
+    prompts = [encode(render_prompt(r.problem, cfg.data.template, tokenizer)) for r in records]
+    outputs = engine.generate(prompts, e.n_samples, params)
+    rows = score_samples(records, outputs, tokenizer, cfg.data.source == "synthetic")
+    result = aggregate(rows, e.pass_k)
+    example = outputs[0][0]
+    result["example"] = {"problem": records[0].problem, "answer": records[0].answer, "response": example.text}
+    return result
+
+
+def evaluate(rt: Any, records: Sequence[Any], label: str, baseline: dict[str, Any] | None = None) -> dict | None:
+    """Evaluate the engine's current weights on rank 0; writes ``eval/<label>.json``. None on other ranks."""
+    if not rt.is_main:
+        return None
+    result = run_eval(rt.engine, rt.tokenizer, rt.cfg, records[: rt.cfg.eval.n_prompts], rt.encode_prompt)
+    result["label"] = label
+    if baseline is not None:
+        result["ae_vs_" + baseline["label"]] = ae_score(baseline["pass@1"], result["pass@1"],
+                                                        baseline["mean_tokens"], result["mean_tokens"])
+    d = rt.run_dir / "eval"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{label}.json").write_text(json.dumps(result, indent=1))
+    crit = result.get("critical_tokens")
+    extra = f" critical {crit:.1f} redundant {result['redundant_tokens']:.1f}" if crit is not None else ""
+    print(f"[eval {label}] pass@1 {100 * result['pass@1']:.1f}% mean tokens {result['mean_tokens']:.1f}{extra}",
+          flush=True)
+    return result
+
+
+def load_eval(run_dir: str | Path, label: str) -> dict[str, Any] | None:
+    p = Path(run_dir) / "eval" / f"{label}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scpo eval", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="experiment YAML (data, eval and rollout sections are used)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", help="HF model dir (config + safetensors + tokenizer): no Megatron needed")
+    src.add_argument("--run-dir", help="a training run dir; evaluates --checkpoint (default: latest)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint name under RUN_DIR/checkpoints")
+    p.add_argument("--label", default=None, help="name of the eval/<label>.json written")
+    p.add_argument("--out", default=None, help="where eval/<label>.json goes (default: run dir or cwd)")
+    a = p.parse_args(argv)
+
+    from megatron_scpo.config import load_config
+    from megatron_scpo.data.datasets import load_split
+
+    cfg = load_config(a.config, a.overrides)
+    records = load_split(cfg.data, "eval")[: cfg.eval.n_prompts]
+    if a.hf:
+        from megatron_scpo.data.tokenizer import load_tokenizer
+        from megatron_scpo.rollout.local import LocalEngine
+
+        tok = load_tokenizer(a.hf)
+        engine = LocalEngine.from_pretrained(a.hf, tokenizer=tok)
+
+        def encode(text: str) -> list[int]:
+            bos = tok.bos_token_id
+            return ([bos] if bos is not None else []) + tok.encode(text, add_special_tokens=False)
+
+        result = run_eval(engine, tok, cfg, records, encode)
+        result["label"] = a.label or Path(a.hf).name
+        out = Path(a.out or ".") / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{result['label']}.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "example"}, indent=1))
+        return 0
+    from megatron_scpo.trainer.run import evaluate_checkpoint
+
+    evaluate_checkpoint(cfg, Path(a.run_dir), a.checkpoint, a.label, a.out)
+    return 0

@@ -1,0 +1,327 @@
+"""`scpo train CONFIG [--run-dir DIR] [key=value ...]`: warm start -> stage 1 -> stage 2 (-> comparison).
+
+Phases run in order, each skippable by config: ``warmstart`` (SFT on verbose traces), ``stage1``
+(rejection-sampling SFT), ``rl`` once per method (``compare.methods``, else ``algo.method``; every
+method starts from the same snapshot ``rl_start``), then the report. Everything that can be wrong
+with the inputs (config, data files, method names, tokenizer/prompt lengths) is checked before Megatron
+is imported. Restarting with the same run dir resumes from the newest complete checkpoint: model,
+optimizer, RNG, data position, method state (LAPO length map), step counters and the metrics file.
+Works single-process and under torchrun (rank 0 owns the rollout engine, see runtime.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_scpo import configlib
+from megatron_scpo.config import ConfigError, ExperimentConfig, load_config
+from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info
+
+
+# ------------------------------------------------------------------------------------------- preflight
+def methods_of(cfg: ExperimentConfig) -> list[str]:
+    return list(cfg.compare.methods) or [cfg.algo.method]
+
+
+def algo_for(cfg: ExperimentConfig, method: str) -> Any:
+    return dataclasses.replace(cfg.algo, method=method)
+
+
+def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Everything cheap that can fail: data files, methods, tokenizer. Raises ValueError subclasses."""
+    from megatron_scpo.algo.registry import build_method
+    from megatron_scpo.data.datasets import load_split
+
+    train = load_split(cfg.data, "train")
+    evals = load_split(cfg.data, "eval") if cfg.eval.enabled else []
+    if cfg.eval.enabled and not evals:
+        raise ConfigError("eval.enabled but the eval split is empty (data.eval_path / data.synthetic.n_eval)")
+    if not train and (cfg.rl.enabled or cfg.warmstart.enabled or cfg.stage1.enabled):
+        raise ConfigError("the train split is empty")
+    for m in methods_of(cfg):
+        build_method(algo_for(cfg, m))
+    if (cfg.warmstart.enabled) and cfg.data.source != "synthetic":
+        raise ConfigError("warmstart.enabled needs data.source: synthetic (it trains on the task's verbose traces)")
+    if cfg.model.hf_path is None and cfg.data.source != "synthetic":
+        raise ConfigError("model.hf_path is required unless data.source is synthetic (tiny model built locally)")
+    if cfg.model.hf_path is not None and not (Path(cfg.model.hf_path) / "config.json").is_file():
+        raise ConfigError(f"model.hf_path: {cfg.model.hf_path}/config.json not found")
+    if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang_urls and cfg.model.hf_path is None:
+        raise ConfigError("rollout.engine: sglang needs model.hf_path (servers load it) or rollout.sglang_urls")
+    return {"train": train, "eval": evals}
+
+
+# ------------------------------------------------------------------------------------------- runtime
+def _resolve_model_dir(cfg: ExperimentConfig, run_dir: Path, rank: int) -> Path:
+    if cfg.model.hf_path is not None:
+        return Path(cfg.model.hf_path)
+    out = run_dir / "init_model"
+    if rank == 0 and not (out / "config.json").is_file():
+        from megatron_scpo.data.tiny_model import init_tiny_model
+
+        tmp = run_dir / "init_model.tmp"
+        init_tiny_model(tmp, seed=cfg.tiny_model.seed, **cfg.tiny_model.overrides())
+        os.replace(tmp, out)
+    barrier()
+    return out
+
+
+def _make_engine(cfg: ExperimentConfig, hf_dir: Path, tokenizer: Any) -> Any:
+    if cfg.rollout.engine == "local":
+        from megatron_scpo.rollout.local import LocalEngine
+
+        return LocalEngine.from_pretrained(hf_dir, tokenizer=tokenizer,
+                                           max_batch_size=cfg.rollout.local_max_batch_size)
+    from megatron_scpo.rollout.sglang import SGLangEngine
+
+    sg = cfg.rollout.sglang
+    if sg.model_path is None:
+        sg = dataclasses.replace(sg, model_path=str(hf_dir))
+    return SGLangEngine(sg, urls=list(cfg.rollout.sglang_urls) or None, vocab_size=len(tokenizer))
+
+
+def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
+    """Parallel state, tokenizer, Megatron policy (HF weights loaded), rank-0 engine, logger, checkpoints."""
+    import torch
+
+    from megatron_scpo.backend.parallel import init_parallel
+    from megatron_scpo.backend.policy import MegatronPolicy
+    from megatron_scpo.convert.hf_io import read_hf_checkpoint
+    from megatron_scpo.convert.live import load_hf_into_model
+    from megatron_scpo.data.tokenizer import load_tokenizer
+    from megatron_scpo.trainer.checkpoint import CheckpointManager
+    from megatron_scpo.trainer.metrics import MetricsLogger
+
+    rank, world = dist_info()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.rl.seed)
+    hf_dir = _resolve_model_dir(cfg, run_dir, rank)
+    hf_config, _info, hf_tensors = read_hf_checkpoint(hf_dir)
+    init_parallel(cfg.parallel.tp, cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.rl.seed,
+                  num_heads=hf_config.num_attention_heads, num_kv_heads=hf_config.num_key_value_heads,
+                  num_layers=hf_config.num_hidden_layers)
+    rank, world = dist_info()
+    policy = MegatronPolicy(hf_config, cfg.parallel, cfg.optim, dtype=cfg.model.dtype)
+    load_hf_into_model(policy.model_chunks, hf_config, hf_tensors)
+    del hf_tensors
+    tokenizer = load_tokenizer(hf_dir)
+    engine = _make_engine(cfg, hf_dir, tokenizer) if rank == 0 else None
+    logger = MetricsLogger(run_dir, cfg.logging, rank=rank, config_dict=configlib.to_dict(cfg))
+    ckpt = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, rank=rank, barrier=barrier)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(configlib.to_dict(cfg), sort_keys=False))
+    return Runtime(cfg, run_dir, rank, world, tokenizer, hf_config, hf_dir, policy, engine, logger, ckpt)
+
+
+# ------------------------------------------------------------------------------------------- phases
+def phases_of(cfg: ExperimentConfig) -> list[str]:
+    out = []
+    if cfg.warmstart.enabled:
+        out.append("warmstart")
+    if cfg.stage1.enabled:
+        out.append("stage1")
+    if cfg.rl.enabled:
+        out += [f"rl/{m}" for m in methods_of(cfg)]
+    return out
+
+
+class Pipeline:
+    """Runs the phases with checkpoints; ``state`` is what trainer_state.json holds."""
+
+    def __init__(self, rt: Runtime, data: dict[str, Any]):
+        self.rt = rt
+        self.cfg = rt.cfg
+        self.data = data
+        self.state: dict[str, Any] = {"done": [], "phase": None, "rl_step": 0, "data": None, "method_state": None}
+        self.baseline: dict[str, Any] | None = None
+
+    # ---- checkpoint helpers ------------------------------------------------------------------
+    def _save(self, snapshot: str | None = None) -> None:
+        rt = self.rt
+        self.state["metrics_records"] = rt.logger.num_records() if rt.is_main else 0
+        self.state["metrics_records"] = broadcast_object(self.state["metrics_records"])
+        self.state["weight_version"] = rt.weight_version
+        rt.ckpt.save(rt.global_step, dict(self.state), rt.policy.save_checkpoint, snapshot=snapshot)
+
+    def resume(self) -> bool:
+        rt = self.rt
+        latest = rt.ckpt.latest()
+        if latest is None:
+            return False
+        st = rt.ckpt.load(latest, load_model=rt.policy.load_checkpoint)
+        rt.global_step = int(st.pop("global_step"))
+        rt.weight_version = int(st.get("weight_version", 0))
+        self.state.update(st)
+        rt.logger.truncate(int(st.get("metrics_records", 0)))
+        rt.sync_weights()
+        if rt.is_main:
+            print(f"[resume] {latest.name}: done={self.state['done']} phase={self.state['phase']} "
+                  f"rl_step={self.state['rl_step']} global_step={rt.global_step}", flush=True)
+        return True
+
+    # ---- phases --------------------------------------------------------------------------------
+    def run(self) -> None:
+        from megatron_scpo.trainer.evaluate import load_eval
+
+        self.baseline = load_eval(self.rt.run_dir, "warmstart")
+        if not self.state["done"] and self.state["phase"] is None and self.cfg.eval.enabled:
+            if not self.cfg.warmstart.enabled:  # the starting model is the baseline
+                self._eval("warmstart")
+        for phase in phases_of(self.cfg):
+            if phase in self.state["done"]:
+                continue
+            self.state["phase"] = phase
+            if phase == "warmstart":
+                self.warmstart()
+            elif phase == "stage1":
+                self.stage1()
+            else:
+                self.rl(phase.split("/", 1)[1])
+        if self.rt.is_main and self.cfg.eval.enabled:
+            from megatron_scpo.trainer.report import write_report
+
+            print(write_report([self.rt.run_dir], self.rt.run_dir), flush=True)
+        barrier()
+
+    def _eval(self, label: str) -> None:
+        from megatron_scpo.trainer.evaluate import evaluate, load_eval
+
+        if not self.cfg.eval.enabled:
+            return
+        if self.rt.is_main and load_eval(self.rt.run_dir, label) is None:
+            res = evaluate(self.rt, self.data["eval"], label, self.baseline if label != "warmstart" else None)
+            if label == "warmstart":
+                self.baseline = res
+        barrier()
+
+    def _finish(self, phase: str, label: str) -> None:
+        self.state["done"] = [*self.state["done"], phase]
+        self.state.update(phase=None, rl_step=0, data=None, method_state=None)
+        self._save(snapshot=label)
+        self._eval(label)
+
+    def warmstart(self) -> None:
+        from megatron_scpo.trainer.sft import sft_train, trace_pairs
+
+        c = self.cfg.warmstart
+        pairs = trace_pairs(self.rt, self.data["train"], c.trace)
+        sft_train(self.rt, pairs, steps=c.steps, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
+                  lr=c.lr, warmup_steps=c.warmup_steps, seed=self.cfg.rl.seed, stage="warmstart",
+                  log_every=c.log_every)
+        self.rt.sync_weights()
+        self._finish("warmstart", "warmstart")
+
+    def stage1(self) -> None:
+        from megatron_scpo.data.datasets import PromptIterator
+        from megatron_scpo.trainer.sft import rejection_sample, sft_train
+
+        c = self.cfg.stage1
+        records = PromptIterator(self.data["train"], seed=self.cfg.data.shuffle_seed + 1).next_batch(
+            min(c.n_prompts, len(self.data["train"])))
+        pairs, stats = rejection_sample(self.rt, records)
+        self.rt.logger.log("stage1/sample", 0, stats)
+        if pairs:
+            steps = max(1, math.ceil(len(pairs) * c.epochs / c.batch_size))
+            sft_train(self.rt, pairs, steps=steps, batch_size=min(c.batch_size, len(pairs)),
+                      micro_batch_size=c.micro_batch_size, lr=c.lr, warmup_steps=0, seed=self.cfg.rl.seed,
+                      stage="stage1", log_every=max(1, steps // 5))
+            self.rt.sync_weights()
+        elif self.rt.is_main:
+            print("[stage1] no verified-correct samples: stage 1 SFT skipped", flush=True)
+        self._finish("stage1", "stage1")
+
+    def rl(self, name: str) -> None:
+        from megatron_scpo.algo.registry import build_method
+        from megatron_scpo.data.datasets import PromptIterator
+        from megatron_scpo.trainer.rl import rl_step
+        from megatron_scpo.trainer.sft import set_lr
+
+        rt, c = self.rt, self.cfg.rl
+        method = build_method(algo_for(self.cfg, name))
+        it = PromptIterator(self.data["train"], seed=self.cfg.data.shuffle_seed)
+        start = int(self.state.get("rl_step") or 0)
+        if start > 0:  # resumed inside this phase: model/optimizer/RNG already restored
+            it.load_state_dict(self.state["data"])
+            method.load_state_dict(self.state["method_state"] or {})
+        else:
+            snap = rt.ckpt.snapshot("rl_start")
+            if snap is None:
+                self._save(snapshot="rl_start")
+            else:  # every method starts from the same weights and optimizer state
+                rt.ckpt.load(snap, load_model=rt.policy.load_checkpoint, restore_rng=False)
+                rt.sync_weights()
+        set_lr(rt.policy, self.cfg.optim.lr)
+        stage = f"rl/{name}"
+        for step in range(start, c.steps):
+            records = it.next_batch(c.prompts_per_step)
+            metrics = rl_step(rt, method, records, step, seed=c.seed * 100003 + step)
+            rt.global_step += 1
+            rt.logger.log(stage, step + 1, metrics)
+            if self.cfg.checkpoint.interval and (step + 1) % self.cfg.checkpoint.interval == 0 and step + 1 < c.steps:
+                self.state.update(rl_step=step + 1, data=it.state_dict(), method_state=method.state_dict())
+                self._save()
+        self._finish(stage, f"rl_{name}")
+
+
+# ------------------------------------------------------------------------------------------- entry points
+def train(cfg: ExperimentConfig, run_dir: str | Path, data: dict[str, Any] | None = None) -> Path:
+    """Run (or resume) the whole pipeline of ``cfg`` in ``run_dir``; returns the run dir."""
+    run_dir = Path(run_dir)
+    data = data if data is not None else preflight(cfg)
+    rt = build_runtime(cfg, run_dir)
+    try:
+        pipe = Pipeline(rt, data)
+        pipe.resume()
+        pipe.run()
+    finally:
+        rt.logger.close()
+        if rt.engine is not None:
+            rt.engine.shutdown()
+    return run_dir
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: Path, checkpoint: str | None, label: str | None,
+                        out: str | None) -> dict[str, Any] | None:
+    """`scpo eval --run-dir`: load a checkpoint of a run into Megatron, sync to the engine, evaluate."""
+    from megatron_scpo.trainer.evaluate import evaluate
+
+    data = preflight(cfg)
+    rt = build_runtime(cfg, run_dir)
+    path = rt.ckpt.snapshot(checkpoint) or (rt.ckpt.root / checkpoint if checkpoint else rt.ckpt.latest())
+    if path is None or not path.is_dir():
+        raise ConfigError(f"{run_dir}: no checkpoint {checkpoint or 'latest'}")
+    rt.ckpt.load(path, load_model=rt.policy.load_checkpoint, restore_rng=False)
+    rt.sync_weights()
+    if out:
+        rt.run_dir = Path(out)
+    return evaluate(rt, data["eval"], label or f"eval_{path.name}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (configs/tiny_cpu.yaml is the embedded default)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. rl.steps=10")
+    p.add_argument("--run-dir", default=None, help="run directory (default: config run_dir or runs/<name>)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scpo train", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.overrides)
+        run_dir = Path(a.run_dir or cfg.run_dir or Path("runs") / cfg.name)
+        data = preflight(cfg)  # everything that can fail cheaply, before Megatron is imported
+    except ValueError as e:
+        print(f"scpo train: error: {e}", file=sys.stderr)
+        return 2
+    train(cfg, run_dir, data)
+    return 0

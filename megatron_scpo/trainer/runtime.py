@@ -1,0 +1,139 @@
+"""What every stage shares: distributed layout, tokenizer, the Megatron policy, the rollout engine.
+
+Multi-process choice (TP=2 under torchrun, or any TP/PP/DP with the local engine): **rank 0 owns the
+LocalEngine** and broadcasts the finished rollouts (token ids, log-probs, verification results) to all
+ranks with ``broadcast_object_list``. Every rank then runs the same Megatron passes on identical data.
+We chose this over "every rank runs an identical engine" because it cannot diverge silently (sampling
+on two processes is identical only while their kernels and thread counts are), and on CPU the other
+ranks' idle time during generation is what a shared 2-core machine needs anyway. Weight sync gathers
+full HF-named tensors on every rank (the convert export is collective) and only rank 0 loads them.
+With SGLang the same holds: rank 0 talks HTTP to the servers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_scpo.config import ExperimentConfig
+from megatron_scpo.trainer.batching import PackedBatch
+from megatron_scpo.trainer.checkpoint import CheckpointManager
+from megatron_scpo.trainer.metrics import MetricsLogger
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from ``src`` to every rank (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@dataclass
+class Runtime:
+    """Live objects of a run. ``engine`` exists on rank 0 only."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    rank: int
+    world: int
+    tokenizer: Any
+    hf_config: Any
+    hf_dir: Path
+    policy: Any
+    engine: Any
+    logger: MetricsLogger
+    ckpt: CheckpointManager
+    weight_version: int = 0
+    global_step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def pad_id(self) -> int:
+        pid = self.tokenizer.pad_token_id
+        return int(pid if pid is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Prompt text -> ids with BOS first (the SFT data and the rollouts use the same encoding)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bos = self.tokenizer.bos_token_id
+        ids = ([bos] if bos is not None else []) + ids
+        if len(ids) > self.cfg.data.max_prompt_tokens:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens exceeds data.max_prompt_tokens={self.cfg.data.max_prompt_tokens}: "
+                f"{text[:80]!r}")
+        return ids
+
+    def logprobs(self, packed: PackedBatch, temperature: float, micro_batch_size: int | None = None) -> torch.Tensor:
+        """Trainer log-probs ``[B, S]`` of a packed batch (collective over model-parallel ranks)."""
+        mbs = micro_batch_size or self.cfg.rl.micro_batch_size
+        return self.policy.compute_logprobs(packed.input_ids, packed.attention_mask, temperature=temperature,
+                                            micro_batch_size=mbs)
+
+    def sync_weights(self, check: bool | None = None) -> dict[str, float]:
+        """Trainer shards -> HF-named tensors -> rank 0's engine; then the post-sync log-prob check."""
+        from megatron_scpo.convert.live import iter_hf_tensors
+
+        self.weight_version += 1
+        stream = iter_hf_tensors(self.policy.model_chunks, self.hf_config)
+        if self.is_main:
+            self.engine.update_weights(stream, self.weight_version)
+        else:
+            for _ in stream:  # collective: every rank walks the export in lockstep
+                pass
+        if not (self.cfg.rl.sync_check if check is None else check):
+            return {}
+        from megatron_scpo.rollout.check import make_check_sequences
+
+        specials = tuple(i for i in (self.tokenizer.pad_token_id, self.tokenizer.bos_token_id, self.eos_id)
+                         if i is not None)
+        seqs, plens = make_check_sequences(len(self.tokenizer), self.cfg.rollout.check_num_sequences,
+                                           self.cfg.rollout.check_seq_len, avoid_ids=specials)
+        return self.post_sync_check(list(zip(seqs, plens)))
+
+    def post_sync_check(self, seqs: list[tuple[list[int], int]]) -> dict[str, float]:
+        """Engine and trainer score the same sequences; the max |diff| must stay under the tolerance."""
+        from megatron_scpo.rollout.check import check_logprobs
+        from megatron_scpo.trainer.batching import pack
+
+        ids = [s for s, _ in seqs]
+        plens = [p for _, p in seqs]
+        packed = pack([s[:p] for s, p in seqs], [s[p:] for s, p in seqs], self.pad_id)
+        trainer_lp = packed.gather(self.logprobs(packed, temperature=1.0))
+        trainer_rows = [trainer_lp[i, :n].tolist() for i, n in enumerate(packed.response_lens)]
+        out: dict[str, float] = {}
+        if self.is_main:
+            out = check_logprobs(self.engine, lambda *_a: trainer_rows, ids, plens,
+                                 tolerance=self.cfg.rollout.logprob_tolerance)
+            out["rollout_logprob_abs_diff"] = out["rollout_logprob_abs_diff_max"]
+        return broadcast_object(out)
+
+
+def make_barrier() -> Callable[[], None]:
+    return barrier

@@ -1,0 +1,127 @@
+"""The SFT stages: warm start on verbose traces, and stage 1 rejection-sampling SFT.
+
+Warm start turns a randomly initialised tiny model into our "long-CoT reasoning model": it learns the
+synthetic task from *verbose* solutions (critical steps mixed with redundant ones), so there is real
+redundancy for stage 1/2 to remove. Stage 1 (SmartThinker RS+SFT): sample N per problem from the current
+model, keep the verified-correct ones, keep the shortest correct (or all below the group median), SFT on
+their response tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from megatron_scpo.trainer.batching import pack
+from megatron_scpo.trainer.metrics import PhaseTimer, progress
+from megatron_scpo.trainer.rl import generate_rollouts, sampling_params
+from megatron_scpo.trainer.runtime import Runtime
+
+Pair = tuple[list[int], list[int]]  # (prompt ids, response ids incl. EOS)
+
+
+def set_lr(policy: Any, lr: float) -> None:
+    policy.set_lr(lr)
+
+
+def warmup_lr(base: float, step: int, warmup: int, total: int) -> float:
+    """Linear warmup then cosine decay to 10% of ``base`` (short SFT runs converge faster with a decay)."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def trace_pairs(rt: Runtime, records: Sequence[Any], trace: str) -> list[Pair]:
+    """(prompt, completion + EOS) token pairs from records carrying synthetic traces in ``meta``."""
+    from megatron_scpo.data.templates import render_prompt
+
+    pairs = []
+    for rec in records:
+        text = (rec.meta or {}).get(trace)
+        if text is None:
+            raise ValueError(f"record {rec.id}: no {trace!r} trace in meta; warm-start SFT needs the synthetic task")
+        prompt = rt.encode_prompt(render_prompt(rec.problem, rt.cfg.data.template, rt.tokenizer))
+        pairs.append((prompt, rt.tokenizer.encode(text, add_special_tokens=False) + [rt.eos_id]))
+    return pairs
+
+
+def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int, micro_batch_size: int,
+              lr: float, warmup_steps: int, seed: int, stage: str, log_every: int = 10) -> dict[str, float]:
+    """``steps`` optimizer steps of response-token NLL over batches drawn in a seeded, epoch-wise order."""
+    if not pairs:
+        raise ValueError(f"{stage}: no training sequences")
+    rng = random.Random(f"sft:{stage}:{seed}")
+    order: list[int] = []
+    last: dict[str, float] = {}
+    for step in progress(range(steps), total=steps, desc=stage, enabled=rt.cfg.logging.progress and rt.is_main):
+        timer = PhaseTimer()
+        while len(order) < batch_size:
+            epoch = list(range(len(pairs)))
+            rng.shuffle(epoch)
+            order += epoch
+        idx, order = order[:batch_size], order[batch_size:]
+        cur_lr = warmup_lr(lr, step, warmup_steps, steps)
+        set_lr(rt.policy, cur_lr)
+        packed = pack([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], rt.pad_id)
+        batch = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
+                 "loss_mask": packed.loss_mask}
+        with timer.phase("train"):
+            m = rt.policy.train_step(batch, loss="sft", loss_kwargs={}, micro_batch_size=micro_batch_size)
+        rt.global_step += 1
+        last = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+        if step % log_every == 0 or step == steps - 1:
+            rt.logger.log(stage, step, {**last, "lr": cur_lr, **timer.metrics(),
+                                        "length/mean": sum(packed.response_lens) / len(idx)})
+    return last
+
+
+def select_rejection_samples(groups: Sequence[Sequence[tuple[list[int], list[int], bool]]],
+                             rule: str) -> list[Pair]:
+    """Per problem: keep verified-correct samples, then the shortest one or all strictly below the median.
+
+    ``groups[p]`` holds ``(prompt_ids, response_ids, correct)`` per sample. With ``below_median`` a group
+    whose correct samples all share one length keeps its shortest one (never an empty pick for a solved
+    problem). Ties for the shortest keep the first sample (deterministic).
+    """
+    if rule not in ("shortest", "below_median"):
+        raise ValueError(f"unknown selection rule {rule!r}")
+    out: list[Pair] = []
+    for g in groups:
+        ok = [(p, r) for p, r, c in g if c]
+        if not ok:
+            continue
+        if rule == "shortest":
+            out.append(min(ok, key=lambda pr: len(pr[1])))
+            continue
+        med = statistics.median(len(r) for _, r in ok)
+        below = [(p, r) for p, r in ok if len(r) < med]
+        out.extend(below or [min(ok, key=lambda pr: len(pr[1]))])
+    return out
+
+
+def rejection_sample(rt: Runtime, records: Sequence[Any]) -> tuple[list[Pair], dict[str, float]]:
+    """Stage 1 data: sample ``n_samples`` per record, verify, select. Same result on every rank."""
+    from megatron_scpo.data.templates import render_prompt
+
+    c = rt.cfg.stage1
+    params = sampling_params(rt, c.temperature, seed=rt.cfg.rl.seed + 7)
+    texts = [render_prompt(rec.problem, rt.cfg.data.template, rt.tokenizer) for rec in records]
+    r = generate_rollouts(rt, records, texts, c.n_samples, params)
+    groups: list[list[tuple[list[int], list[int], bool]]] = [[] for _ in records]
+    for i in range(r.size):
+        if not r.truncated[i]:  # a truncated sample never counts as a clean correct trace
+            groups[r.group_ids[i]].append((r.prompt_ids[i], r.response_ids[i], r.correct[i]))
+    pairs = select_rejection_samples(groups, c.select)
+    lens = [len(x) for x in r.response_ids]
+    stats = {
+        "acc/mean": sum(r.correct) / max(1, r.size),
+        "length/mean": sum(lens) / max(1, len(lens)),
+        "stage1/kept": float(len(pairs)),
+        "stage1/solved_frac": sum(1 for g in groups if any(c for *_, c in g)) / max(1, len(groups)),
+        "stage1/kept_length_mean": sum(len(p[1]) for p in pairs) / max(1, len(pairs)),
+    }
+    return pairs, stats
