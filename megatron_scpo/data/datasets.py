@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_scpo.data import synthetic
+from megatron_scpo.data import synthetic, templates
 from megatron_scpo.data.config import DataConfig, SyntheticConfig
 
 PROBLEM_KEYS = ("problem", "question", "prompt", "query", "input")
@@ -136,6 +136,22 @@ def load_split(cfg: DataConfig, split: str) -> list[PromptRecord]:
     if not path:
         raise DataError(f"data.{split}_path is not set")
     return load_prompts(path, cfg.problem_field, cfg.answer_field, cfg.id_field)
+
+
+def encode_prompts(records: Sequence[PromptRecord], tokenizer: Any, template: templates.TemplateName,
+                   max_prompt_tokens: int) -> list[list[int]]:
+    """Render and tokenize every prompt up front; a prompt over ``max_prompt_tokens`` is an error naming its id.
+
+    Done once before training so an overlong prompt fails in seconds, not after hours of rollouts.
+    """
+    out = []
+    for r in records:
+        ids = tokenizer(templates.render_prompt(r.problem, template, tokenizer), add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            raise DataError(f"prompt {r.id!r} has {len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens} "
+                            f"(template {template!r})")
+        out.append(ids)
+    return out
 
 
 class PromptIterator:

@@ -284,27 +284,30 @@ def _match_operation(todo: list[tuple[int, str, int, int]], a: int, op: str, b: 
     return None
 
 
-def critical_redundant_tokens(problem: ArithmeticProblem | str, text: str,
-                              offsets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """Tokens of ``text`` (character ``offsets`` per token) inside critical and redundant steps.
+def token_kinds(problem: ArithmeticProblem | str, text: str,
+                offsets: Sequence[tuple[int, int]]) -> list[StepKind | None]:
+    """Step kind of every token of ``text`` given its character ``offsets``; None for zero-width tokens.
 
-    A token belongs to the step holding its first character; zero-width tokens (specials) and answer
-    tokens count as neither.
+    A token belongs to the step holding its first character (a ``.\\n\\n`` token ends its step).
     """
     labels = classify_steps(problem, text)
-    n_crit = n_red = 0
+    out: list[StepKind | None] = []
     j = 0
     for start, end in offsets:
         if end <= start:
+            out.append(None)
             continue
         while j < len(labels) and labels[j][0][1] <= start:
             j += 1
-        if j == len(labels):
-            break
-        kind = labels[j][1]
-        n_crit += kind == "critical"
-        n_red += kind == "redundant"
-    return n_crit, n_red
+        out.append(labels[j][1] if j < len(labels) else None)
+    return out
+
+
+def critical_redundant_tokens(problem: ArithmeticProblem | str, text: str,
+                              offsets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """``(n_critical, n_redundant)`` tokens of ``text``; answer and zero-width (special) tokens count as neither."""
+    kinds = token_kinds(problem, text, offsets)
+    return kinds.count("critical"), kinds.count("redundant")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from megatron_scpo.data.datasets import (
     DataError,
     PromptIterator,
     PromptRecord,
+    encode_prompts,
     load_prompts,
     load_split,
     synthetic_records,
@@ -89,6 +90,20 @@ def test_synthetic_records_and_load_split(tmp_path):
     assert load_split(file_cfg, "train")[0].answer == "1"
     with pytest.raises(DataError, match="eval_path"):
         load_split(file_cfg, "eval")
+
+
+def test_encode_prompts_rejects_overlong():
+    class CharTok:  # one token per character: lengths are easy to count by hand
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    recs = [PromptRecord("a", "1 + 2", "3"), PromptRecord("long", "1 + 2 + 3 + 4", "10")]
+    n0 = len("Problem: 1 + 2\nAnswer: <think>")
+    assert encode_prompts(recs[:1], CharTok(), "synthetic", n0) == [[ord(c) for c in "Problem: 1 + 2\nAnswer: <think>"]]
+    with pytest.raises(DataError, match=r"prompt 'long' has 38 tokens > data.max_prompt_tokens=37"):
+        encode_prompts(recs, CharTok(), "synthetic", n0 + 7)
 
 
 def _records(n):

@@ -14,6 +14,7 @@ from megatron_scpo.data.synthetic import (
     critical_redundant_tokens,
     generate_examples,
     parse_problem,
+    token_kinds,
 )
 
 EQ = re.compile(r"^(\d+) ([+\-*]) (\d+) = (\d+)$")
@@ -117,6 +118,8 @@ def test_critical_redundant_tokens_by_hand():
     # Coarser tokens: a token belongs to the step of its first character.
     offsets = [(0, 1), (1, 8), (8, 13), (13, 18), (18, len(text))]
     assert critical_redundant_tokens("1 + 2", text, offsets) == (2, 2)
+    assert token_kinds("1 + 2", text, offsets + [(0, 0)]) == [
+        "redundant", "redundant", "critical", "critical", "answer", None]
 
 
 def test_splits_disjoint_and_deterministic():
