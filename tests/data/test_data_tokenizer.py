@@ -101,3 +101,14 @@ def test_tiny_config_overrides_and_errors():
     assert (c.vocab_size, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (300, 256, 4, 256)
     with pytest.raises(ValueError, match="head_dim"):
         tiny_llama_config(300, num_attention_heads=4)
+
+
+def test_reload_next_to_qwen2_config_keeps_ids(tok, tmp_path, texts):
+    """transformers v5 swaps in Qwen2Tokenizer here (infra.md C); our Qwen2-style pre-tokenizer keeps ids equal."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    for t in texts[:5] + ["héllo  wörld\n\n\n 12345 <|im_end|>", "Wait, 7+5=12?!"]:
+        assert auto(t)["input_ids"] == tok(t)["input_ids"]
