@@ -148,8 +148,10 @@ def _patch_type_str() -> None:
 
     def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = orig(self, *args, **kwargs)
+        # (under device_mode this function can re-enter itself once: never prefix twice)
         if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") and self.device.type == "cpu":
-            return out.replace("torch.", "torch.cuda.", 1)
+            if not out.startswith("torch.cuda."):
+                return out.replace("torch.", "torch.cuda.", 1)
         return out
 
     torch.Tensor.type = type_  # type: ignore[method-assign]

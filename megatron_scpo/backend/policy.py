@@ -1,0 +1,603 @@
+"""The trainer-facing actor: megatron model + DDP + optimizer, log-prob passes, train steps, checkpoints.
+
+Batch layout (both calls): ``input_ids`` / ``attention_mask`` [B, S] **right-padded** (each mask row is
+1...1 0...0): megatron's RoPE uses positions 0..S-1, so left padding would shift positions. Under data
+parallelism every call receives *this DP rank's* part of the global batch; the TP/PP ranks of one DP replica
+must pass identical tensors.
+
+Loss scaling (``train_step``): the loss is the aggregate over the **global** batch (all micro-batches of all
+DP ranks), e.g. token-mean = sum of per-token terms / total response tokens, not a mean of micro-batch
+means. Each micro-batch's loss from ``policy_loss`` is weighted by units_mb / units_global (units = tokens,
+non-empty sequences or rows, per aggregation mode; units_global is all-reduced over DP before the schedule
+runs) and multiplied by num_microbatches * dp, which cancels the schedule's 1/num_microbatches and DDP's
+gradient averaging over DP. The reported ``loss`` is exactly the global-batch loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_scpo.backend import logprobs as lpmod
+from megatron_scpo.backend.config import ParallelConfig
+from megatron_scpo.backend.model import build_model, parse_hf_config, unwrap
+from megatron_scpo.backend.parallel import init_parallel
+
+CKPT_META = "scpo_backend_meta.json"
+CKPT_FORMAT_VERSION = 1
+POLICY_KEYS = ("advantages", "old_logprobs", "eps_low", "eps_high")
+
+
+class BatchError(ValueError):
+    """A train/log-prob batch with missing keys, wrong shapes or unsupported padding."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or incompatible with this model."""
+
+
+def _optim_value(cfg: Any, name: str, default: Any) -> Any:
+    if cfg is None:
+        return default
+    return getattr(cfg, name, default)
+
+
+def _check_right_padded(attention_mask: torch.Tensor) -> None:
+    m = attention_mask.to(torch.int64)
+    if not torch.all((m == 0) | (m == 1)):
+        raise BatchError("attention_mask must contain only 0/1")
+    if torch.any(m[:, 1:] > m[:, :-1]):
+        raise BatchError("attention_mask must be right-padded (1...1 0...0 per row); left padding is not supported")
+
+
+class MegatronPolicy:
+    """One policy model sharded over TP x PP x DP, trained through megatron's pipeline schedules.
+
+    Args:
+        hf_config: HF config object or config.json dict (Llama / Qwen2 / Qwen3).
+        parallel: layout (tp, pp, vpp, sequence_parallel, use_distributed_optimizer).
+        optim_cfg: anything with ``lr``, ``weight_decay``, ``clip_grad`` and optionally ``adam_beta1``,
+            ``adam_beta2``, ``adam_eps`` (the trainer's OptimConfig).
+        dtype: "float32" or "bfloat16" (bf16 params, fp32 main params/grads in the optimizer).
+        micro_batch_size: sequences per micro-batch in the pipeline schedule.
+        seed: megatron's model-parallel RNG seed (also seeds init when no weights are loaded).
+    """
+
+    def __init__(
+        self,
+        hf_config: Any,
+        parallel: ParallelConfig | None = None,
+        optim_cfg: Any = None,
+        *,
+        dtype: str = "float32",
+        micro_batch_size: int = 1,
+        seed: int = 1234,
+        ckpt_optim_sharding: str = "fully_reshardable",
+    ) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.parallel = parallel or ParallelConfig()
+        self.parallel.validate()
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if ckpt_optim_sharding not in ("fully_reshardable", "dp_reshardable"):
+            raise ValueError(f"ckpt_optim_sharding={ckpt_optim_sharding!r}; choose fully_reshardable or dp_reshardable")
+        self.arch = parse_hf_config(hf_config)
+        self.hf_config = hf_config
+        self.micro_batch_size = micro_batch_size
+        self.ckpt_optim_sharding = ckpt_optim_sharding
+        self.info = init_parallel(
+            self.parallel.tp,
+            self.parallel.pp,
+            vpp=self.parallel.vpp,
+            seed=seed,
+            num_heads=self.arch.num_heads,
+            num_kv_heads=self.arch.num_kv_heads,
+            num_layers=self.arch.num_layers,
+        )
+        torch.manual_seed(seed)
+        chunks = build_model(hf_config, self.parallel, dtype)
+        self.config = unwrap(chunks[0]).config
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self.parallel.use_distributed_optimizer,
+        )
+        self.model = [
+            DistributedDataParallel(self.config, ddp_cfg, module=m, disable_bucketing=(i > 0))
+            for i, m in enumerate(chunks)
+        ]
+        bf16 = self.config.bf16
+        self.optim_config = OptimizerConfig(
+            optimizer="adam",
+            lr=float(_optim_value(optim_cfg, "lr", 1e-6)),
+            weight_decay=float(_optim_value(optim_cfg, "weight_decay", 0.01)),
+            adam_beta1=float(_optim_value(optim_cfg, "adam_beta1", 0.9)),
+            adam_beta2=float(_optim_value(optim_cfg, "adam_beta2", 0.999)),
+            adam_eps=float(_optim_value(optim_cfg, "adam_eps", 1e-8)),
+            clip_grad=float(_optim_value(optim_cfg, "clip_grad", 1.0)),
+            bf16=bf16,
+            params_dtype=self.config.params_dtype,
+            use_distributed_optimizer=self.parallel.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(self.optim_config, self.model)
+        self.config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.steps_done = 0
+
+    # ------------------------------------------------------------------ groups / helpers
+    @property
+    def _ps(self) -> Any:
+        from megatron.core import parallel_state
+
+        return parallel_state
+
+    def _micro_batches(self, tensors: dict[str, torch.Tensor], mbs: int) -> list[dict[str, torch.Tensor]]:
+        b = next(iter(tensors.values())).shape[0]
+        return [{k: v[i : i + mbs] for k, v in tensors.items()} for i in range(0, b, mbs)]
+
+    def _iterators(self, mbs_list: list[dict[str, torch.Tensor]]) -> Iterator | list[Iterator]:
+        if len(self.model) == 1:
+            return iter(mbs_list)
+        return [iter(mbs_list) for _ in self.model]  # one iterator per virtual-pipeline chunk
+
+    def _run_schedule(self, mbs_list: list[dict], forward_step: Any, forward_only: bool, collect: bool) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        seq = mbs_list[0]["input_ids"].shape[1]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=self._iterators(mbs_list),
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(mbs_list),
+            seq_length=seq,
+            micro_batch_size=mbs_list[0]["input_ids"].shape[0],
+            forward_only=forward_only,
+            collect_non_loss_data=collect,
+        )
+
+    def _check_seq(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise BatchError(
+                f"input_ids and attention_mask must both be [B, S]; got {tuple(input_ids.shape)} "
+                f"and {tuple(attention_mask.shape)}"
+            )
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise BatchError(f"empty batch: input_ids has shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise BatchError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.arch.vocab_size:
+            raise BatchError(f"input_ids out of range [0, {self.arch.vocab_size}): min={lo} max={hi}")
+        if input_ids.shape[1] > self.arch.max_position_embeddings:
+            raise BatchError(
+                f"sequence length {input_ids.shape[1]} > max_position_embeddings={self.arch.max_position_embeddings}"
+            )
+        if self.config.sequence_parallel and input_ids.shape[1] % self.parallel.tp != 0:
+            raise BatchError(f"sequence_parallel needs S divisible by tp={self.parallel.tp}, got S={input_ids.shape[1]}")
+        _check_right_padded(attention_mask)
+
+    def _forward_step(self, loss_fn: Any, data_iterator: Iterator, model: Any) -> tuple[torch.Tensor, Any]:
+        mb = next(data_iterator)
+        ids = mb["input_ids"]
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+        # attention_mask=None: megatron applies its causal mask; right padding never affects real tokens.
+        out = model(ids, pos, None)
+        return out, partial(loss_fn, mb)
+
+    def _token_logprobs(self, mb: dict[str, torch.Tensor], logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        lp = lpmod.token_logprobs(
+            logits,
+            mb["input_ids"],
+            vocab_size=self.arch.vocab_size,
+            temperature=temperature,
+            tp_group=self._ps.get_tensor_model_parallel_group() if self.parallel.tp > 1 else None,
+            tp_rank=self._ps.get_tensor_model_parallel_rank(),
+        )
+        return lp * mb["attention_mask"].to(lp.dtype)
+
+    def _broadcast_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        if self.parallel.pp == 1:
+            return t
+        dist.broadcast(
+            t, src=self._ps.get_pipeline_model_parallel_last_rank(), group=self._ps.get_pipeline_model_parallel_group()
+        )
+        return t
+
+    # ------------------------------------------------------------------ log-probs
+    @torch.no_grad()
+    def compute_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        temperature: float = 1.0,
+        micro_batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Forward-only pass: out[b, t] = log p(ids[b, t] | ids[b, :t]) (fp32 [B, S], 0 at t=0 and on padding).
+
+        Returned on every rank (broadcast from the last pipeline stage).
+        """
+        self._check_seq(input_ids, attention_mask)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        mbs = micro_batch_size or self.micro_batch_size
+        b = input_ids.shape[0]
+        n_pad = (-b) % mbs  # pad with copies of row 0 so every micro-batch has the same shape
+        ids = torch.cat([input_ids, input_ids[:1].expand(n_pad, -1)]) if n_pad else input_ids
+        am = torch.cat([attention_mask, attention_mask[:1].expand(n_pad, -1)]) if n_pad else attention_mask
+        mbs_list = self._micro_batches({"input_ids": ids, "attention_mask": am}, mbs)
+
+        def collect(mb: dict, logits: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
+            return self._token_logprobs(mb, logits, temperature)
+
+        out = self._run_schedule(mbs_list, partial(self._forward_step, collect), forward_only=True, collect=True)
+        if self._ps.is_pipeline_last_stage():
+            result = torch.cat(list(out), dim=0).float()
+        else:
+            result = torch.zeros(ids.shape, dtype=torch.float32)
+        return self._broadcast_from_last_stage(result)[:b]
+
+    # ------------------------------------------------------------------ training
+    def _validate_train_batch(self, batch: dict[str, torch.Tensor], loss: str) -> None:
+        required = ["input_ids", "attention_mask", "loss_mask"] + (list(POLICY_KEYS) if loss == "policy" else [])
+        missing = [k for k in required if k not in batch]
+        if missing:
+            raise BatchError(f"train batch for loss={loss!r} is missing keys {missing}; got {sorted(batch)}")
+        self._check_seq(batch["input_ids"], batch["attention_mask"])
+        b, s = batch["input_ids"].shape
+        for k in ("loss_mask", "advantages", "old_logprobs", "rollout_logprobs", "ref_logprobs"):
+            if k in batch and tuple(batch[k].shape) != (b, s):
+                raise BatchError(f"batch[{k!r}] must have shape {(b, s)}, got {tuple(batch[k].shape)}")
+        for k in ("eps_low", "eps_high"):
+            if k in batch and tuple(batch[k].shape) != (b,):
+                raise BatchError(f"batch[{k!r}] must have shape {(b,)} (one clip range per sample), got {tuple(batch[k].shape)}")
+        if bool(batch["loss_mask"][:, 0].any()):
+            raise BatchError("loss_mask[:, 0] must be 0: the first token has no log-prob")
+        if bool((batch["loss_mask"].bool() & ~batch["attention_mask"].bool()).any()):
+            raise BatchError("loss_mask marks padding tokens (attention_mask == 0)")
+        if b % self.micro_batch_size != 0:
+            raise BatchError(f"batch size {b} is not a multiple of micro_batch_size={self.micro_batch_size}")
+        for k, v in batch.items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise BatchError(f"batch[{k!r}] contains NaN/inf")
+
+    def _loss_func(
+        self,
+        loss: str,
+        kw: dict[str, Any],
+        units_global: float,
+        n_mb: int,
+        mb: dict[str, torch.Tensor],
+        logits: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lp = self._token_logprobs(mb, logits, kw.get("temperature", 1.0))
+        mask = mb["loss_mask"].to(lp.dtype)
+        agg = kw.get("agg", "token-mean") if loss == "policy" else "token-mean"
+        units = float(lpmod.agg_units(mask, agg))
+        weight = units / units_global if units_global > 0 else 0.0
+        ntok = mask.sum().detach()
+        zero = torch.zeros((), dtype=torch.float32)
+        stats = {"clip_low": zero, "clip_high": zero, "kl": zero}
+        if units == 0:
+            value = (lp * 0.0).sum()  # keeps the graph connected for the pipeline's backward
+        elif loss == "sft":
+            value = lpmod.aggregate(-lp, mask, "token-mean")
+        else:
+            tis = None
+            if "rollout_logprobs" in mb:
+                tis = torch.exp(mb["old_logprobs"] - mb["rollout_logprobs"]).clamp(max=kw.get("tis_cap", 2.0))
+            value, m = lpmod.policy_loss(
+                lp,
+                mb["old_logprobs"].float(),
+                mb["advantages"].float(),
+                mask,
+                mb["eps_low"].float(),
+                mb["eps_high"].float(),
+                dual_clip=kw.get("dual_clip"),
+                tis_weights=tis,
+                agg=agg,
+                norm_length=kw.get("norm_length"),
+            )
+            stats["clip_low"] = m.get("clipfrac_low", zero).detach().float() * ntok
+            stats["clip_high"] = m.get("clipfrac_high", zero).detach().float() * ntok
+            kl_coef = float(kw.get("kl_coef", 0.0))
+            if kl_coef > 0 and "ref_logprobs" in mb:
+                d = mb["ref_logprobs"].float() - lp
+                kl = lpmod.aggregate(torch.exp(d) - d - 1.0, mask, agg, kw.get("norm_length"))
+                stats["kl"] = kl.detach() * weight
+                value = value + kl_coef * kl
+        contribution = value * weight
+        report = {"loss": contribution.detach().clone().float(), "tokens": ntok.float(), **stats}
+        return contribution * (n_mb * self.info.dp), report
+
+    def _reduce_metrics(self, dicts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        names = ["loss", "tokens", "clip_low", "clip_high", "kl"]
+        vec = torch.zeros(len(names), dtype=torch.float64)
+        for d in dicts:
+            vec += torch.stack([d[n].double().reshape(()) for n in names])
+        if self.parallel.pp > 1:
+            dist.all_reduce(vec, group=self._ps.get_pipeline_model_parallel_group())
+        if self.info.dp > 1:
+            dist.all_reduce(vec, group=self._ps.get_data_parallel_group())
+        out = dict(zip(names, vec.tolist()))
+        tok = max(out["tokens"], 1.0)
+        return {
+            "loss": out["loss"],
+            "num_tokens": out["tokens"],
+            "clip_frac_low": out["clip_low"] / tok,
+            "clip_frac_high": out["clip_high"] / tok,
+            "kl": out["kl"],
+        }
+
+    def train_step(
+        self, batch: dict[str, torch.Tensor], loss: str = "policy", loss_kwargs: dict[str, Any] | None = None
+    ) -> dict[str, float]:
+        """One optimizer step over this DP rank's batch (split into micro-batches); metrics averaged over DP.
+
+        loss="policy": clipped surrogate (per-sample eps_low/eps_high [B]); loss_kwargs: agg, dual_clip,
+        norm_length, temperature, tis_cap (with rollout_logprobs), kl_coef (with ref_logprobs).
+        loss="sft": NLL of the loss_mask tokens, token-mean over the global batch.
+        A non-finite loss skips the optimizer step (``skipped`` = 1.0) and leaves the weights unchanged.
+        """
+        if loss not in ("policy", "sft"):
+            raise ValueError(f"loss must be 'policy' or 'sft', got {loss!r}")
+        kw = dict(loss_kwargs or {})
+        agg = kw.get("agg", "token-mean") if loss == "policy" else "token-mean"
+        if agg not in lpmod.AGG_MODES:
+            raise ValueError(f"loss_kwargs['agg']={agg!r}; choose one of {list(lpmod.AGG_MODES)}")
+        self._validate_train_batch(batch, loss)
+        units = lpmod.agg_units(batch["loss_mask"].float(), agg).reshape(1)
+        if self.info.dp > 1:
+            dist.all_reduce(units, group=self._ps.get_data_parallel_group())
+        mbs_list = self._micro_batches(dict(batch), self.micro_batch_size)
+        loss_fn = partial(self._loss_func, loss, kw, float(units), len(mbs_list))
+
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        out = self._run_schedule(mbs_list, partial(self._forward_step, loss_fn), forward_only=False, collect=False)
+        metrics = self._reduce_metrics(out if self._ps.is_pipeline_last_stage() else [])
+        if not torch.isfinite(torch.tensor(metrics["loss"])):
+            for m in self.model:
+                m.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return {**metrics, "grad_norm": float("nan"), "lr": self.lr, "skipped": 1.0}
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.steps_done += 1
+        return {
+            **metrics,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.lr,
+            "skipped": 0.0 if ok else 1.0,
+        }
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        """The trainer owns the schedule; it sets the lr before each step."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = float(lr)
+
+    # ------------------------------------------------------------------ weights
+    def modules(self) -> list[Any]:
+        """The GPTModel chunks (unwrapped from DDP / Float16Module), e.g. for the convert engineer's mapping."""
+        return [unwrap(m) for m in self.model]
+
+    def named_hf_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named full tensors for weight sync: provided by megatron_scpo.convert's streaming export."""
+        from megatron_scpo.convert import export as convert_export  # type: ignore[attr-defined]
+
+        yield from convert_export.named_hf_parameters(self.modules(), self.hf_config)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_sharded_state_dict(self) -> dict[str, Any]:
+        mods = self.modules()
+        if len(mods) == 1:
+            return {"model": mods[0].sharded_state_dict()}
+        return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(mods)}
+
+    def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
+        model_sd = self._model_sharded_state_dict()
+        flat_model_sd: dict[str, Any] = {}
+        for v in model_sd.values():
+            flat_model_sd.update(v)
+        sd = dict(model_sd)
+        metadata = {"distrib_optim_sharding_type": self.ckpt_optim_sharding}
+        sd["optimizer"] = self.optimizer.sharded_state_dict(flat_model_sd, is_loading=is_loading, metadata=metadata)
+        return sd
+
+    def _rng_state(self) -> dict[str, Any]:
+        import numpy as np
+        from megatron.core import tensor_parallel
+
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        }
+
+    def _set_rng_state(self, st: dict[str, Any]) -> None:
+        import numpy as np
+        from megatron.core import tensor_parallel
+
+        random.setstate(st["python"])
+        np.random.set_state(st["numpy"])
+        torch.set_rng_state(st["torch"])
+        if st.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(st["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(st["tracker"])
+
+    def _layout(self) -> dict[str, int]:
+        return {"tp": self.info.tp, "pp": self.info.pp, "dp": self.info.dp, "vpp": self.info.vpp}
+
+    def _gather_rng(self) -> list[dict[str, Any]] | None:
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, self._rng_state())
+        return states
+
+    def save_checkpoint(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Save model + optimizer + per-rank RNG atomically (temp dir, then rename); returns the final path.
+
+        A crash mid-save leaves only ``<dir>.tmp-*``; ``<dir>`` appears complete or not at all.
+        """
+        from megatron.core import dist_checkpointing
+
+        final = Path(directory).absolute()
+        token = [uuid.uuid4().hex[:8] if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        tmp = final.parent / f"{final.name}.tmp-{token[0]}"
+        if dist.get_rank() == 0:
+            tmp.mkdir(parents=True, exist_ok=False)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state_dict(is_loading=False), str(tmp))
+        rng = self._gather_rng()
+        dist.barrier()
+        if dist.get_rank() == 0:
+            torch.save(rng, tmp / "rng_states.pt")
+            meta = {
+                "format_version": CKPT_FORMAT_VERSION,
+                "layout": self._layout(),
+                "steps_done": self.steps_done,
+                "model_type": self.arch.model_type,
+                "vocab_size": self.arch.vocab_size,
+                "num_layers": self.arch.num_layers,
+                "hidden_size": self.arch.hidden_size,
+                "optim_sharding": self.ckpt_optim_sharding,
+                "use_distributed_optimizer": self.parallel.use_distributed_optimizer,
+                "extra": extra or {},
+            }
+            (tmp / CKPT_META).write_text(json.dumps(meta, indent=1))
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            old = None
+            if final.exists():
+                old = final.parent / f"{final.name}.old-{token[0]}"
+                final.rename(old)
+            tmp.rename(final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+    def read_checkpoint_meta(self, directory: str | os.PathLike) -> dict[str, Any]:
+        path = Path(directory)
+        meta_file = path / CKPT_META
+        if not meta_file.is_file():
+            raise CheckpointError(f"{path}: not a complete backend checkpoint (missing {CKPT_META})")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != CKPT_FORMAT_VERSION:
+            raise CheckpointError(f"{meta_file}: format_version {meta.get('format_version')} != {CKPT_FORMAT_VERSION}")
+        for k in ("model_type", "vocab_size", "num_layers", "hidden_size"):
+            mine = getattr(self.arch, k)
+            if meta.get(k) != mine:
+                raise CheckpointError(f"{meta_file}: checkpoint {k}={meta.get(k)!r} but this model has {k}={mine!r}")
+        return meta
+
+    def load_checkpoint(self, directory: str | os.PathLike, load_optimizer: bool = True) -> dict[str, Any]:
+        """Load a checkpoint saved by ``save_checkpoint`` (any TP/PP layout for fully_reshardable).
+
+        RNG states are restored only when the layout is unchanged (they are per-rank). Returns the meta dict
+        (``extra`` holds what the caller passed to save_checkpoint).
+        """
+        from megatron.core import dist_checkpointing
+
+        path = Path(directory)
+        meta = self.read_checkpoint_meta(path)
+        same_layout = meta["layout"] == self._layout()
+        if load_optimizer:
+            if meta["use_distributed_optimizer"] != self.parallel.use_distributed_optimizer:
+                raise CheckpointError(
+                    f"{path}: saved with use_distributed_optimizer={meta['use_distributed_optimizer']}, "
+                    f"this run uses {self.parallel.use_distributed_optimizer}"
+                )
+            if meta["optim_sharding"] == "dp_reshardable" and (meta["layout"]["tp"], meta["layout"]["pp"]) != (
+                self.info.tp,
+                self.info.pp,
+            ):
+                raise CheckpointError(f"{path}: dp_reshardable optimizer state cannot change TP/PP {meta['layout']}")
+            sd = self._sharded_state_dict(is_loading=True)
+            if meta["optim_sharding"] != self.ckpt_optim_sharding:
+                raise CheckpointError(f"{path}: optimizer sharding {meta['optim_sharding']} != {self.ckpt_optim_sharding}")
+        else:
+            sd = self._model_sharded_state_dict()
+        state = dist_checkpointing.load(sd, str(path))
+        mods = self.modules()
+        for i, m in enumerate(mods):
+            m.load_state_dict(state["model"] if len(mods) == 1 else state[f"model{i}"], strict=False)
+        if load_optimizer:
+            _load_optimizer_state(self.optimizer, state["optimizer"])
+            self.steps_done = int(meta["steps_done"])
+        if same_layout:
+            rng = torch.load(path / "rng_states.pt", weights_only=False)
+            self._set_rng_state(rng[dist.get_rank()])
+        dist.barrier()
+        return meta
+
+
+def _load_optimizer_state(opt: Any, state: Any) -> None:
+    """Load optimizer state around two megatron issues (research/megatron_cpu.md 6.4/6.5, step 6).
+
+    - DistributedOptimizer.load_state_dict with torch AdamW (no TE/Apex) gives every param the *same*
+      ``step`` tensor, which AdamW then increments once per param per step (wrong bias correction):
+      we re-create one ``step`` tensor per param from the param group's value.
+    - fully_reshardable param-state loading copies into every key of the AdamW state, including ``step``,
+      which it does not carry (KeyError): ``step`` is held aside while the param state is loaded.
+    - fp32 main params are views of the model params: the copy must run under no_grad.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(opt, "chained_optimizers", None) or [opt]
+    states = state if isinstance(state, list) else [state]
+    if len(subs) != len(states):
+        raise CheckpointError(f"optimizer has {len(subs)} parts but the checkpoint holds {len(states)}")
+    for sub, st in zip(subs, states):
+        with torch.no_grad():
+            if isinstance(sub, DistributedOptimizer) and "param_state" in st:
+                param_state = st.pop("param_state")
+                kind = st.pop("param_state_sharding_type")
+                sub.load_state_dict(st)
+                _fix_adam_steps(sub)
+                held = {p: s.pop("step") for p, s in sub.optimizer.state.items() if "step" in s}
+                try:
+                    getattr(sub, f"load_parameter_state_from_{kind}")(param_state)
+                finally:
+                    for p, step in held.items():
+                        sub.optimizer.state[p]["step"] = step
+            else:
+                sub.load_state_dict(st)
+                _fix_adam_steps(sub)
+
+
+def _fix_adam_steps(sub: Any) -> None:
+    inner = getattr(sub, "optimizer", None)
+    if inner is None:
+        return
+    for g in inner.param_groups:
+        for p in g["params"]:
+            st = inner.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                value = float(g["step"]) if "step" in g else float(st["step"])
+                st["step"] = torch.tensor(value, dtype=torch.float32)
