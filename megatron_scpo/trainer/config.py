@@ -118,12 +118,20 @@ class EvalConfig:
 
 @dataclass
 class CompareConfig:
-    """Run stage 2 once per method from the same stage-1 checkpoint and report them side by side.
+    """Several stage-2 methods in one run.
 
+    ``independent``: every method starts from the same snapshot (the state after stage 1) and the
+    report compares them side by side. ``sequential``: each method continues from the previous one's
+    result and inherits its method state (LAPO: ``[lapo_stage1, lapo_stage2]`` hands the length map on).
     Empty ``methods``: a single stage 2 with ``algo.method``.
     """
 
     methods: list[CompareMethod] = field(default_factory=list)
+    mode: Literal["independent", "sequential"] = "independent"
+
+    def validate(self) -> None:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must not repeat, got {self.methods}")
 
 
 @dataclass

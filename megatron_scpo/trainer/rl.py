@@ -122,14 +122,30 @@ def make_scorer(rt: Runtime, micro_batch: int) -> Any:
 
 def compute_importance(rt: Runtime, r: Rollouts, segs: list[Any]) -> tuple[list[torch.Tensor | None], dict]:
     """SCPO importance per correct sample (None for wrong ones), scored with the current (old) policy."""
-    from megatron_scpo.algo.importance import estimate_importance
+    from megatron_scpo.algo.importance import ImportanceItem, estimate_importance
 
+    icfg = rt.cfg.algo.importance
+    enc = rt.tokenizer.encode
+    forcing = enc(icfg.forcing_suffix, add_special_tokens=False)
+    idx = [i for i in range(r.size) if r.correct[i] and segs[i].num_steps > 0]
+    items = [ImportanceItem(r.prompt_ids[i], r.response_ids[i], segs[i].step_ids,
+                            enc(r.golds[i] + icfg.answer_closing, add_special_tokens=False), segs[i].answer_step)
+             for i in idx]
     scorer = make_scorer(rt, rt.cfg.rl.importance_micro_batch)
-    return estimate_importance(
-        prompt_ids=r.prompt_ids, response_ids=r.response_ids, step_ids=[s.step_ids for s in segs],
-        correct=r.correct, gold_answers=r.golds, tokenizer=rt.tokenizer, cfg=rt.cfg.algo.importance,
-        scorer=scorer,
-    )
+    n_seq = [0]
+
+    def counting(seqs: list[list[int]], pos: list[list[int]]) -> list[float]:
+        n_seq[0] += len(seqs)
+        return scorer(seqs, pos)
+
+    weights = estimate_importance(items, forcing, counting, icfg) if items else []
+    out: list[torch.Tensor | None] = [None] * r.size
+    for i, w in zip(idx, weights):
+        out[i] = w
+    flat = torch.cat(weights) if weights else torch.zeros(0)
+    metrics = {"importance/mean": float(flat.mean()) if flat.numel() else 0.0,
+               "importance/scored_sequences": float(n_seq[0]), "importance/responses": float(len(items))}
+    return out, metrics
 
 
 def grouped(r: Rollouts, segs: list[Any], importance: list[torch.Tensor | None] | None) -> Any:
@@ -165,6 +181,11 @@ def rollout_stats(r: Rollouts, rollout_seconds: float) -> dict[str, float]:
     }
 
 
+# backend metric -> stable metric name
+TRAIN_METRIC_NAMES = {"clip_frac_low": "clip/frac_low", "clip_frac_high": "clip/frac_high", "grad_norm": "grad_norm",
+                      "num_tokens": "train/num_tokens", "skipped": "train/skipped", "kl": "kl"}
+
+
 def train_on(rt: Runtime, packed: PackedBatch, tensors: dict[str, torch.Tensor], loss: str,
              loss_kwargs: dict[str, Any], mini_batches: int, micro_batch_size: int) -> dict[str, float]:
     """``mini_batches`` optimizer steps over a shuffled-free split of the batch; metrics averaged."""
@@ -181,10 +202,11 @@ def train_on(rt: Runtime, packed: PackedBatch, tensors: dict[str, torch.Tensor],
         batch = {"input_ids": sub.input_ids, "attention_mask": sub.attention_mask, "loss_mask": sub.loss_mask}
         for name, t in tensors.items():
             batch[name] = t[idx] if t.dim() == 1 else t[idx, :s]
-        m = rt.policy.train_step(batch, loss=loss, loss_kwargs=loss_kwargs, micro_batch_size=micro_batch_size)
+        m = rt.train_step(batch, loss, loss_kwargs, micro_batch_size)
         skipped += int(bool(m.get("skipped", False)) or not math.isfinite(float(m.get("loss", 0.0))))
         for key, v in m.items():
             if isinstance(v, (int, float)):
+                key = TRAIN_METRIC_NAMES.get(key, key)
                 agg[key] = agg.get(key, 0.0) + float(v) / mini_batches
     agg["train/skipped_updates"] = float(skipped)
     return agg
@@ -229,12 +251,14 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
     tensors = {
         "advantages": packed.scatter(adv.to(torch.float32)),
         "old_logprobs": old_lp.detach(),
-        "rollout_logprobs": rollout_lp,
         "eps_low": out.eps_low.to(torch.float32),
         "eps_high": out.eps_high.to(torch.float32),
     }
-    loss_kwargs = {"temperature": T, "agg": cfg.algo.loss.agg, "norm_length": cfg.algo.loss.norm_length,
-                   "dual_clip": cfg.algo.clip.dual_clip, "tis_cap": cfg.algo.loss.tis_cap}
+    loss_kwargs: dict[str, Any] = {"temperature": T, "agg": cfg.algo.loss.agg, "norm_length": cfg.algo.loss.norm_length,
+                                   "dual_clip": cfg.algo.clip.dual_clip}
+    if cfg.algo.loss.tis_cap is not None:  # truncated importance sampling: rollout vs trainer log-probs
+        tensors["rollout_logprobs"] = rollout_lp
+        loss_kwargs["tis_cap"] = cfg.algo.loss.tis_cap
     with timer.phase("train"):
         train_m = train_on(rt, packed, tensors, "policy", loss_kwargs, cfg.rl.mini_batches, cfg.rl.micro_batch_size)
     with timer.phase("sync"):

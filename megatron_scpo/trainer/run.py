@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,18 +61,31 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- runtime
-def _resolve_model_dir(cfg: ExperimentConfig, run_dir: Path, rank: int) -> Path:
-    if cfg.model.hf_path is not None:
-        return Path(cfg.model.hf_path)
-    out = run_dir / "init_model"
-    if rank == 0 and not (out / "config.json").is_file():
-        from megatron_scpo.data.tiny_model import init_tiny_model
+def _model_source(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path, Any, Any]:
+    """(HF dir, HF config, tokenizer-or-None). The tiny model's config is known before its dir exists."""
+    from megatron_scpo.convert.hf_io import load_hf_config
 
-        tmp = run_dir / "init_model.tmp"
-        init_tiny_model(tmp, seed=cfg.tiny_model.seed, **cfg.tiny_model.overrides())
-        os.replace(tmp, out)
-    barrier()
-    return out
+    if cfg.model.hf_path is not None:
+        return Path(cfg.model.hf_path), load_hf_config(cfg.model.hf_path), None
+    from megatron_scpo.data.tiny_model import tiny_llama_config
+    from megatron_scpo.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    hf_config = tiny_llama_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, **cfg.tiny_model.overrides())
+    return run_dir / "init_model", hf_config, tok
+
+
+def _write_tiny_model(cfg: ExperimentConfig, out: Path, tok: Any) -> None:
+    """Rank 0 writes the randomly initialised tiny model once (temp dir + rename)."""
+    from megatron_scpo.data.tiny_model import init_tiny_model
+
+    if (out / "config.json").is_file():
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    init_tiny_model(tmp, seed=cfg.tiny_model.seed, tokenizer=tok, **cfg.tiny_model.overrides())
+    os.replace(tmp, out)
 
 
 def _make_engine(cfg: ExperimentConfig, hf_dir: Path, tokenizer: Any) -> Any:
@@ -89,10 +103,9 @@ def _make_engine(cfg: ExperimentConfig, hf_dir: Path, tokenizer: Any) -> Any:
 
 
 def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
-    """Parallel state, tokenizer, Megatron policy (HF weights loaded), rank-0 engine, logger, checkpoints."""
+    """Megatron policy (parallel state inside, HF weights loaded), tokenizer, rank-0 engine, logger, checkpoints."""
     import torch
 
-    from megatron_scpo.backend.parallel import init_parallel
     from megatron_scpo.backend.policy import MegatronPolicy
     from megatron_scpo.convert.hf_io import read_hf_checkpoint
     from megatron_scpo.convert.live import load_hf_into_model
@@ -100,18 +113,18 @@ def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
     from megatron_scpo.trainer.checkpoint import CheckpointManager
     from megatron_scpo.trainer.metrics import MetricsLogger
 
+    torch.manual_seed(cfg.rl.seed)
+    hf_dir, hf_config, tok = _model_source(cfg, run_dir)
+    policy = MegatronPolicy(hf_config, cfg.parallel, cfg.optim, dtype=cfg.model.dtype,
+                            micro_batch_size=cfg.rl.micro_batch_size, seed=cfg.rl.seed)
     rank, world = dist_info()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.rl.seed)
-    hf_dir = _resolve_model_dir(cfg, run_dir, rank)
-    hf_config, _info, hf_tensors = read_hf_checkpoint(hf_dir)
-    init_parallel(cfg.parallel.tp, cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.rl.seed,
-                  num_heads=hf_config.num_attention_heads, num_kv_heads=hf_config.num_key_value_heads,
-                  num_layers=hf_config.num_hidden_layers)
-    rank, world = dist_info()
-    policy = MegatronPolicy(hf_config, cfg.parallel, cfg.optim, dtype=cfg.model.dtype)
-    load_hf_into_model(policy.model_chunks, hf_config, hf_tensors)
+        if cfg.model.hf_path is None:
+            _write_tiny_model(cfg, hf_dir, tok)
+    barrier()
+    _, _, hf_tensors = read_hf_checkpoint(hf_dir)
+    load_hf_into_model(policy.modules(), hf_config, hf_tensors)
     del hf_tensors
     tokenizer = load_tokenizer(hf_dir)
     engine = _make_engine(cfg, hf_dir, tokenizer) if rank == 0 else None
@@ -249,9 +262,13 @@ class Pipeline:
         method = build_method(algo_for(self.cfg, name))
         it = PromptIterator(self.data["train"], seed=self.cfg.data.shuffle_seed)
         start = int(self.state.get("rl_step") or 0)
+        sequential = self.cfg.compare.mode == "sequential"
         if start > 0:  # resumed inside this phase: model/optimizer/RNG already restored
             it.load_state_dict(self.state["data"])
             method.load_state_dict(self.state["method_state"] or {})
+        elif sequential:  # continue from the previous method's weights, inherit its state (LAPO map)
+            if self.state.get("carry_method_state"):
+                method.load_state_dict(self.state["carry_method_state"])
         else:
             snap = rt.ckpt.snapshot("rl_start")
             if snap is None:
@@ -269,6 +286,7 @@ class Pipeline:
             if self.cfg.checkpoint.interval and (step + 1) % self.cfg.checkpoint.interval == 0 and step + 1 < c.steps:
                 self.state.update(rl_step=step + 1, data=it.state_dict(), method_state=method.state_dict())
                 self._save()
+        self.state["carry_method_state"] = method.state_dict() if sequential else None
         self._finish(stage, f"rl_{name}")
 
 

@@ -96,12 +96,20 @@ class Runtime:
         return self.policy.compute_logprobs(packed.input_ids, packed.attention_mask, temperature=temperature,
                                             micro_batch_size=mbs)
 
+    def train_step(self, batch: dict[str, torch.Tensor], loss: str, loss_kwargs: dict[str, Any],
+                   micro_batch_size: int) -> dict[str, float]:
+        """One optimizer step; the micro-batch is the largest divisor of the batch <= ``micro_batch_size``."""
+        b = int(batch["input_ids"].shape[0])
+        mbs = max(d for d in range(1, min(b, micro_batch_size) + 1) if b % d == 0)
+        self.policy.micro_batch_size = mbs
+        return self.policy.train_step(batch, loss=loss, loss_kwargs=loss_kwargs)
+
     def sync_weights(self, check: bool | None = None) -> dict[str, float]:
         """Trainer shards -> HF-named tensors -> rank 0's engine; then the post-sync log-prob check."""
         from megatron_scpo.convert.live import iter_hf_tensors
 
         self.weight_version += 1
-        stream = iter_hf_tensors(self.policy.model_chunks, self.hf_config)
+        stream = iter_hf_tensors(self.policy.modules(), self.hf_config)
         if self.is_main:
             self.engine.update_weights(stream, self.weight_version)
         else:

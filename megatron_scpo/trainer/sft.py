@@ -70,7 +70,7 @@ def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int
         batch = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
                  "loss_mask": packed.loss_mask}
         with timer.phase("train"):
-            m = rt.policy.train_step(batch, loss="sft", loss_kwargs={}, micro_batch_size=micro_batch_size)
+            m = rt.train_step(batch, "sft", {}, micro_batch_size)
         rt.global_step += 1
         last = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
         if step % log_every == 0 or step == steps - 1:
