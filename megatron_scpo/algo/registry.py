@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from megatron_scpo.algo.advantages import broadcast_to_tokens, s_gae, s_gae_critic, values_at_step_starts
 from megatron_scpo.algo.clipping import adaptive_clip
 from megatron_scpo.algo.config import AlgoConfig
 from megatron_scpo.algo.groups import check_finite, group_index, group_normalize, masked_group_stats
@@ -23,6 +24,10 @@ from megatron_scpo.algo.rewards.baselines import (
     kimi_length_reward,
     overlong_penalty,
 )
+from megatron_scpo.algo.rewards.calibration import calibration_advantages, calibration_rewards
+from megatron_scpo.algo.rewards.lapo import LengthMap, augment_prompt, lapo_stage1_rewards, lapo_stage2_rewards
+from megatron_scpo.algo.rewards.scpo import scpo_step_rewards
+from megatron_scpo.algo.steps import step_lengths_batch
 
 
 @dataclass
@@ -205,7 +210,187 @@ class GlobalLengthPenaltyMethod(SequenceRewardMethod):
         return kimi_length_reward(r.correct, r.response_lengths, r.group_ids, lp.kimi_weight), {}
 
 
+def _group_keys(r: GroupedRollouts) -> dict[int, tuple[str, list[int]]]:
+    """group id -> (prompt key, sample indices); a group must share one key."""
+    out: dict[int, tuple[str, list[int]]] = {}
+    for i, g in enumerate(r.group_ids.tolist()):
+        key = r.prompt_keys[i]
+        if g in out:
+            if out[g][0] != key:
+                raise ValueError(f"group {g} mixes prompt_keys {out[g][0]!r} and {key!r}")
+            out[g][1].append(i)
+        else:
+            out[g] = (key, [i])
+    return out
+
+
+class LapoMethodBase(SequenceRewardMethod):
+    """LAPO stages share the length map (stage 1 writes it, stage 2 reads and refines it)."""
+
+    def __init__(self, cfg: AlgoConfig) -> None:
+        super().__init__(cfg)
+        self.length_map = LengthMap(cfg.lapo.default_budget)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"length_map": self.length_map.state_dict()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if "length_map" not in d:
+            raise ValueError(f"{self.name}: state dict has no 'length_map' (keys: {sorted(d)})")
+        self.length_map.load_state_dict(d["length_map"])
+
+    def _map_metrics(self) -> dict[str, float]:
+        return {"lapo/map_size": float(len(self.length_map))}
+
+
+class LapoStage1Method(LapoMethodBase):
+    """LAPO-D: R = C + alpha * band bonus; M(q) <- median correct length after every step."""
+
+    name = "lapo_stage1"
+
+    def _rewards(self, r: GroupedRollouts) -> tuple[Tensor, dict[str, float]]:
+        lc = self.cfg.lapo
+        rewards, bands = lapo_stage1_rewards(
+            r.correct, r.response_lengths, r.group_ids, alpha=lc.alpha, low_pct=lc.band_low_pct,
+            high_pct=lc.band_high_pct, decay_width=lc.decay_width,
+        )
+        c = r.correct.bool()
+        for _g, (key, idx) in _group_keys(r).items():
+            self.length_map.set_stage1(key, [float(r.response_lengths[i]) for i in idx if c[i]])
+        widths = [b[1] - b[0] for b in bands.values() if b is not None]
+        metrics = self._map_metrics()
+        metrics["lapo/band_frac"] = len(widths) / max(len(bands), 1)
+        metrics["lapo/band_width_mean"] = sum(widths) / len(widths) if widths else 0.0
+        return rewards, metrics
+
+
+class LapoStage2Method(LapoMethodBase):
+    """LAPO-I: budget statement in the prompt, Gaussian adherence reward, dual-rule map refinement.
+
+    The target of a sample is the budget its prompt stated (the map before this step's refinement);
+    for an unsolved prompt it is the group's median correct length (authors' code).
+    """
+
+    name = "lapo_stage2"
+
+    def prepare_prompt(self, prompt: str, key: str) -> str:
+        lc = self.cfg.lapo
+        return augment_prompt(prompt, self.length_map.budget(key), lc.budget_template, lc.think_open)
+
+    def _rewards(self, r: GroupedRollouts) -> tuple[Tensor, dict[str, float]]:
+        lc = self.cfg.lapo
+        c = r.correct.bool()
+        L = r.response_lengths.to(torch.float64)
+        targets = torch.zeros_like(L)
+        solved = 0
+        groups = _group_keys(r)
+        for _g, (key, idx) in groups.items():
+            correct_l = [float(L[i]) for i in idx if c[i]]
+            if self.length_map.is_solved(key):
+                n = float(self.length_map.budget(key))
+                solved += 1
+            elif correct_l:
+                n = float(torch.tensor(correct_l, dtype=torch.float64).quantile(0.5))
+            else:
+                n = float(self.length_map.default_budget)
+            targets[idx] = n
+        rewards = lapo_stage2_rewards(r.correct, r.response_lengths, targets, beta=lc.beta, sigma=lc.sigma)
+        for _g, (key, idx) in groups.items():
+            self.length_map.refine(key, [float(L[i]) for i in idx if c[i]])
+        metrics = self._map_metrics()
+        metrics["lapo/target_mean"] = float(targets.mean())
+        metrics["lapo/solved_frac"] = solved / max(len(groups), 1)
+        ok = c & (r.response_lengths.to(torch.float64) <= targets)
+        metrics["lapo/within_budget_frac"] = float(ok.to(torch.float64).sum() / c.sum().clamp(min=1))
+        return rewards, metrics
+
+
+class CalibrationMethod(MethodBase):
+    """Progressive length calibration: Gaussian l_opt, one-sided ReLU penalty, dynamic Lambda, GRPO."""
+
+    name = "calibration"
+
+    def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float], dict[str, Tensor]]:
+        cc = self.cfg.calibration
+        rewards, d, lam, lopt = calibration_rewards(
+            r.correct, r.response_lengths, r.group_ids, variance=cc.variance, eps=cc.eps
+        )
+        adv = calibration_advantages(rewards, r.correct, r.group_ids, normalize=cc.normalize, eps=cc.eps)
+        inv, n = group_index(r.group_ids)
+        first = torch.zeros(n, dtype=torch.long).scatter_(0, inv, torch.arange(inv.numel()))
+        metrics = {
+            "calib/l_opt_mean": float(lopt[first].mean()),
+            "calib/lambda_mean": float(lam[first].mean()),
+            "calib/penalized_frac": float((d > 0).to(torch.float64).mean()),
+        }
+        return adv[:, None].expand_as(r.step_ids), rewards, metrics, {}
+
+
+class ScpoMethod(MethodBase):
+    """SCPO (reconstructed): step rewards from importance-weighted step lengths, S-GAE / split / critic."""
+
+    name = "scpo"
+    needs_importance = True
+
+    def _importance(self, r: GroupedRollouts, num_steps: Tensor, K: int) -> Tensor:
+        w = torch.zeros(r.batch_size, K, dtype=torch.float64)
+        imp = r.step_importance
+        for b in range(r.batch_size):
+            if not bool(r.correct[b]) or int(num_steps[b]) == 0:
+                continue
+            if imp is None or imp[b] is None:
+                raise ValueError(f"scpo: sample {b} is correct but has no step_importance (run estimate_importance)")
+            v = torch.as_tensor(imp[b], dtype=torch.float64).reshape(-1)
+            if v.numel() != int(num_steps[b]):
+                raise ValueError(f"scpo: sample {b} has {int(num_steps[b])} steps but {v.numel()} importances")
+            w[b, : v.numel()] = v
+        return w
+
+    def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float], dict[str, Tensor]]:
+        sc = self.cfg.scpo
+        step_ids = torch.where(r.response_mask.bool(), r.step_ids, torch.full_like(r.step_ids, -1))
+        lengths, num_steps = step_lengths_batch(step_ids)
+        K = lengths.shape[1]
+        mask = torch.arange(K)[None, :] < num_steps[:, None]
+        w = self._importance(r, num_steps, K)
+        step_r = scpo_step_rewards(lengths, mask, r.correct, r.group_ids, w, r.response_lengths, sc)
+        c = r.correct.bool()
+        if sc.advantage == "s_gae":
+            step_a = s_gae(step_r, mask, r.group_ids, gamma_lambda=sc.gamma * sc.lam, reduce=sc.reduce, eps=sc.std_eps)
+        elif sc.advantage == "split":
+            a = self.cfg.advantage
+            outcome = group_normalize(c.to(torch.float64), r.group_ids, scale_std=a.scale_std,
+                                      unbiased=a.unbiased_std, eps=a.eps)
+            len_mask = mask & c[:, None]
+            a_len = s_gae(step_r, len_mask, r.group_ids, gamma_lambda=sc.gamma * sc.lam, reduce=sc.reduce,
+                          eps=sc.std_eps)
+            step_a = (outcome[:, None] * mask + sc.len_coef * a_len) * mask
+        else:
+            if r.values is None:
+                raise ValueError("scpo.advantage=critic needs GroupedRollouts.values (critic values [B, T])")
+            v = values_at_step_starts(r.values.to(torch.float64), step_ids, K)
+            step_a, _ = s_gae_critic(step_r, v, mask, gamma=sc.gamma, lam=sc.lam)
+        adv = broadcast_to_tokens(step_a, step_ids)
+        nsteps = mask.sum(dim=1).clamp(min=1)
+        seq_r = step_r.sum(dim=1) / nsteps
+        cm = mask & c[:, None]
+        metrics = {
+            "steps/mean": float(num_steps.to(torch.float64).mean()),
+            "steps/len_mean": float(lengths[mask].to(torch.float64).mean()) if bool(mask.any()) else 0.0,
+            "importance/mean": float(w[cm].mean()) if bool(cm.any()) else 0.0,
+            "importance/low_frac": float((w[cm] < 0.5).to(torch.float64).mean()) if bool(cm.any()) else 0.0,
+            "step_reward/correct_mean": float(step_r[cm].mean()) if bool(cm.any()) else 0.0,
+            "step_reward/wrong_mean": float(step_r[mask & ~c[:, None]].mean()) if bool((mask & ~c[:, None]).any())
+            else 0.0,
+        }
+        return adv, seq_r, metrics, {"step_rewards": step_r.to(torch.float32), "step_advantages": step_a.to(torch.float32)}
+
+
 METHODS: dict[str, Callable[[AlgoConfig], Method]] = {
+    "scpo": ScpoMethod,
+    "lapo_stage1": LapoStage1Method,
+    "lapo_stage2": LapoStage2Method,
+    "calibration": CalibrationMethod,
     "grpo": GrpoMethod,
     "global_length_penalty": GlobalLengthPenaltyMethod,
 }

@@ -84,3 +84,111 @@ def test_bad_batches_raise():
     r.correct = torch.tensor([True, False])
     with pytest.raises(ValueError, match="correct"):
         m.compute(r)
+
+
+def scpo_batch():
+    # sample 0 correct: steps of 2 and 6 tokens; sample 1 correct: one 4-token step; sample 2 wrong: 3 x 1 token
+    step_ids = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, -1, -1, -1, -1], [0, 1, 2, -1, -1, -1, -1, -1]])
+    return GroupedRollouts(
+        group_ids=torch.tensor([3, 3, 3]), correct=torch.tensor([True, True, False]),
+        response_lengths=torch.tensor([8, 4, 3]), step_ids=step_ids, response_mask=step_ids >= 0,
+        truncated=torch.zeros(3, dtype=torch.bool), prompt_keys=["q"] * 3,
+        step_importance=[torch.tensor([1.0, 0.0]), torch.tensor([0.5]), None],
+    )
+
+
+def test_scpo_method_end_to_end():
+    from megatron_scpo.algo.advantages import s_gae
+    from megatron_scpo.algo.rewards.scpo import scpo_step_rewards
+
+    cfg = AlgoConfig(method="scpo")
+    cfg.clip.adaptive = True
+    m = build_method(cfg)
+    assert m.needs_importance
+    r = scpo_batch()
+    out = m.compute(r)
+    lengths = torch.tensor([[2, 6, 0], [4, 0, 0], [1, 1, 1]])
+    mask = lengths > 0
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    exp_r = scpo_step_rewards(lengths, mask, r.correct, r.group_ids, w, r.response_lengths, cfg.scpo)
+    torch.testing.assert_close(out.step_rewards, exp_r.float())
+    exp_a = s_gae(exp_r, mask, r.group_ids, gamma_lambda=0.5)
+    torch.testing.assert_close(out.advantages[0], torch.tensor([exp_a[0, 0]] * 2 + [exp_a[0, 1]] * 6).float())
+    assert (out.advantages[2, 3:] == 0).all()
+    # the long unimportant step of the correct response earns less than its important step
+    assert out.step_rewards[0, 1] < out.step_rewards[0, 0]
+    torch.testing.assert_close(out.eps_low, torch.full((3,), 0.1 + 0.2 * 2 / 3))
+    assert all(isinstance(v, float) and v == v for v in out.metrics.values())
+    r.step_importance = [None, torch.tensor([0.5]), None]
+    with pytest.raises(ValueError, match="sample 0"):
+        m.compute(r)
+
+
+def test_scpo_split_and_critic():
+    cfg = AlgoConfig(method="scpo")
+    cfg.scpo.advantage = "split"
+    out = build_method(cfg).compute(scpo_batch())
+    # the wrong response gets only the outcome part: GRPO on [1, 1, 0]
+    s = (1 / 3) ** 0.5
+    torch.testing.assert_close(out.advantages[2, :3], torch.full((3,), -(2 / 3) / s), rtol=1e-4, atol=1e-5)
+    cfg.scpo.advantage = "critic"
+    r = scpo_batch()
+    with pytest.raises(ValueError, match="values"):
+        build_method(cfg).compute(r)
+    r.values = torch.zeros(3, 8)
+    out = build_method(cfg).compute(r)
+    # zero critic, gamma=1, lam=0.5: A_j = sum_m 0.5^(m-j) r_m
+    sr = out.step_rewards[2]
+    assert out.advantages[2, 0].item() == pytest.approx((sr[0] + 0.5 * sr[1] + 0.25 * sr[2]).item(), rel=1e-5)
+
+
+def test_lapo_stages_and_state_roundtrip():
+    m1 = build_method(AlgoConfig(method="lapo_stage1"))
+    r = make_batch([True, True, True, True, True, False], [100, 200, 300, 400, 500, 50], [0] * 6)
+    out = m1.compute(r)
+    torch.testing.assert_close(out.rewards, torch.tensor([1.0, 1.56, 1.7, 1.56, 1.0, 0.0]))
+    state = m1.state_dict()
+    assert state["length_map"]["medians"] == {"q0": 300.0}
+    m2 = build_method(AlgoConfig(method="lapo_stage2"))
+    m2.load_state_dict(state)
+    assert m2.prepare_prompt("P <think>", "q0").endswith("<think> I will answer the question with 300 tokens.")
+    assert m2.prepare_prompt("P <think>", "new").endswith("with 4096 tokens.")
+    r = make_batch([True, True, False, True, True], [300, 420, 10, 180, 420], [0, 0, 0, 1, 1])
+    r.prompt_keys = ["q0", "q0", "q0", "u", "u"]
+    out = m2.compute(r)
+    g = 1 + 0.8 * torch.exp(torch.tensor(-0.5)).item()
+    torch.testing.assert_close(out.rewards, torch.tensor([1.8, g, 0.0, g, g]))  # unsolved u: target = median 300
+    assert m2.length_map.get("q0") == 300.0 and m2.length_map.get("u") == 300.0
+    m3 = build_method(AlgoConfig(method="lapo_stage2"))
+    m3.load_state_dict(m2.state_dict())
+    assert m3.state_dict() == m2.state_dict()
+    with pytest.raises(ValueError, match="length_map"):
+        m3.load_state_dict({})
+    r.prompt_keys = ["q0", "zz", "q0", "u", "u"]
+    with pytest.raises(ValueError, match="mixes"):
+        m2.compute(r)
+
+
+def test_calibration_method():
+    m = build_method(AlgoConfig(method="calibration"))
+    r = make_batch([True, True, False, False, True, True], [100, 200, 300, 400, 7, 9], [0, 0, 0, 0, 1, 1])
+    out = m.compute(r)
+    L = 0.5 / (75 - 18.75 + 1e-6)
+    torch.testing.assert_close(out.rewards, torch.tensor([1.0, 1 - 75 * L, 0.0, 0.0, 1.0, 1.0]))
+    a = out.advantages[:, 0]
+    assert (a[:2] >= 0).all() and (a[2:4] <= 0).all() and (a[4:] == 0).all()
+    assert out.metrics["calib/l_opt_mean"] == pytest.approx((125 + 7) / 2)
+
+
+def test_every_method_handles_degenerate_groups():
+    """All-correct, all-wrong, singleton groups and zero-length responses: finite, defined outputs."""
+    for name in ("scpo", "lapo_stage1", "lapo_stage2", "calibration", "grpo", "global_length_penalty"):
+        cfg = AlgoConfig(method=name)
+        r = make_batch([True, True, False, False, True, False], [3, 5, 4, 0, 6, 2], [0, 0, 1, 1, 2, 3],
+                       steps_per_sample=[1, 2, 2, 1, 3, 1])
+        r.step_importance = [torch.ones(int(r.step_ids[b].max()) + 1) if r.correct[b] else None for b in range(6)]
+        out = build_method(cfg).compute(r)
+        assert torch.isfinite(out.advantages).all(), name
+        assert (out.advantages[~r.response_mask] == 0).all(), name
+        if name in ("grpo", "calibration"):  # no length signal in an all-correct group
+            assert out.advantages[1].abs().sum() == 0, name
