@@ -235,6 +235,9 @@ class LapoMethodBase(SequenceRewardMethod):
         return {"length_map": self.length_map.state_dict()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        """An empty dict means "no saved state" (fresh map); a non-empty one must hold the map."""
+        if not d:
+            return
         if "length_map" not in d:
             raise ValueError(f"{self.name}: state dict has no 'length_map' (keys: {sorted(d)})")
         self.length_map.load_state_dict(d["length_map"])
