@@ -193,3 +193,22 @@ def test_every_method_handles_degenerate_groups():
         assert (out.advantages[~r.response_mask] == 0).all(), name
         if name in ("grpo", "calibration"):  # no length signal in an all-correct group
             assert out.advantages[1].abs().sum() == 0, name
+
+
+def test_s_gae_step_count_bias_is_measured_not_assumed():
+    """Same total length, more steps: summed S-GAE pays more per extra step; mean and split forms do not."""
+    Ks, correct, T = [2, 3, 4, 6, 3, 3, 3, 3], [1, 1, 1, 1, 0, 0, 0, 0], 60
+    ids = torch.stack([torch.tensor([t * K // T for t in range(T)]) for K in Ks])
+    r = GroupedRollouts(torch.zeros(8, dtype=torch.long), torch.tensor(correct, dtype=torch.bool), torch.full((8,), T),
+                        ids, ids >= 0, torch.zeros(8, dtype=torch.bool), ["q"] * 8,
+                        [torch.ones(K) if c else None for K, c in zip(Ks, correct)])
+
+    def per_response(adv, lam, reduce):
+        cfg = AlgoConfig(method="scpo")
+        cfg.scpo.advantage, cfg.scpo.lam, cfg.scpo.reduce = adv, lam, reduce
+        return build_method(cfg).compute(r).advantages[:4].mean(dim=1)
+
+    assert (per_response("s_gae", 1.0, "sum").diff() > 0.1).all()  # strictly grows with the number of steps
+    for adv, lam, reduce in (("s_gae", 1.0, "mean"), ("s_gae", 0.5, "mean"), ("split", 0.5, "sum")):
+        a = per_response(adv, lam, reduce)
+        torch.testing.assert_close(a, a[:1].expand(4), msg=f"{adv} {lam} {reduce}")
