@@ -10,7 +10,7 @@ Layout of a run dir::
         model/                     backend checkpoint (model + optimizer + Megatron RNG)
         trainer_state.json         stage, step counters, data position, method state, metrics count
         rng_rank{r}.pt             python/numpy/torch RNG of every rank
-    RUN_DIR/checkpoints/latest     name of the newest complete checkpoint
+    RUN_DIR/checkpoints/latest     name of the newest complete checkpoint (step or snapshot)
     RUN_DIR/checkpoints/<stage>/   stage-end snapshots (never pruned; comparisons start from them)
 
 A checkpoint is written into ``<name>.tmp`` and renamed after every file is fsynced, then ``latest`` is
@@ -101,14 +101,21 @@ class CheckpointManager:
         return sorted(out, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
-        """Newest complete checkpoint: the ``latest`` pointer if valid, else a directory scan."""
+        """Newest complete checkpoint (step or stage snapshot): the ``latest`` pointer if valid, else a scan
+        for the highest ``global_step`` among complete checkpoint dirs."""
         ptr = self.root / "latest"
         if ptr.is_file():
             cand = self.root / ptr.read_text().strip()
             if (cand / STATE_FILE).is_file():
                 return cand
-        done = self.complete()
-        return done[-1] if done else None
+        if not self.root.is_dir():
+            return None
+        cands = [p for p in self.root.iterdir() if p.is_dir() and not p.name.endswith(".tmp")
+                 and (p / STATE_FILE).is_file()]
+        if not cands:
+            return None
+        return max(cands, key=lambda p: (json.loads((p / STATE_FILE).read_text()).get("global_step", -1),
+                                         p.stat().st_mtime))
 
     def snapshot(self, name: str) -> Path | None:
         p = self.root / name
@@ -135,12 +142,11 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            if snapshot is None:
-                ptr_tmp = self.root / "latest.tmp"
-                ptr_tmp.write_text(name + "\n")
-                os.replace(ptr_tmp, self.root / "latest")
-                _fsync_dir(self.root)
-                self._prune()
+            ptr_tmp = self.root / "latest.tmp"
+            ptr_tmp.write_text(name + "\n")
+            os.replace(ptr_tmp, self.root / "latest")
+            _fsync_dir(self.root)
+            self._prune()
         self.barrier()
         return final
 

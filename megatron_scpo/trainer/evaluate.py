@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ def evaluate(rt: Any, records: Sequence[Any], label: str, baseline: dict[str, An
         return None
     result = run_eval(rt.engine, rt.tokenizer, rt.cfg, records[: rt.cfg.eval.n_prompts], rt.encode_prompt)
     result["label"] = label
+    result["created"] = time.time()
     if baseline is not None:
         result["ae_vs_" + baseline["label"]] = ae_score(baseline["pass@1"], result["pass@1"],
                                                         baseline["mean_tokens"], result["mean_tokens"])

@@ -32,9 +32,9 @@ def load_evals(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     if not out:
         raise ValueError(f"no evaluation results in {[str(r) for r in run_dirs]}")
 
-    def key(r: dict[str, Any]) -> tuple[int, str]:
+    def key(r: dict[str, Any]) -> tuple[int, float, str]:
         lab = r["label"]
-        return (ORDER.index(lab) if lab in ORDER else len(ORDER), lab)
+        return (ORDER.index(lab) if lab in ORDER else len(ORDER), float(r.get("created", 0.0)), lab)
 
     return sorted(out, key=key)
 

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -330,7 +331,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=None, help="run directory (default: config run_dir or runs/<name>)")
 
 
+def quiet_warnings() -> None:
+    """Deprecation chatter of megatron/torch on every checkpoint would bury the step lines."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_warnings()
     p = argparse.ArgumentParser(prog="scpo train", description=__doc__.splitlines()[0])
     add_arguments(p)
     a = p.parse_args(argv)

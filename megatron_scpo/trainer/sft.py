@@ -17,7 +17,7 @@ from typing import Any
 
 from megatron_scpo.trainer.batching import pack
 from megatron_scpo.trainer.metrics import PhaseTimer, progress
-from megatron_scpo.trainer.rl import generate_rollouts, sampling_params
+from megatron_scpo.trainer.rl import TRAIN_METRIC_NAMES, generate_rollouts, sampling_params
 from megatron_scpo.trainer.runtime import Runtime
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, response ids incl. EOS)
@@ -72,7 +72,7 @@ def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int
         with timer.phase("train"):
             m = rt.train_step(batch, "sft", {}, micro_batch_size)
         rt.global_step += 1
-        last = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+        last = {TRAIN_METRIC_NAMES.get(k, k): float(v) for k, v in m.items() if isinstance(v, (int, float))}
         if step % log_every == 0 or step == steps - 1:
             rt.logger.log(stage, step, {**last, "lr": cur_lr, **timer.metrics(),
                                         "length/mean": sum(packed.response_lens) / len(idx)})

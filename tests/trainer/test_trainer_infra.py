@@ -70,8 +70,12 @@ def test_checkpoint_atomic_latest_keep_and_rng(tmp_path):
     state = mgr.load(mgr.snapshot("stage1"), load_model=loaded.append)
     assert state["global_step"] == 6 and loaded[0].name == "model"
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
-    # the snapshot is not a step checkpoint and does not move `latest`
-    assert mgr.latest().name == "step_000003" and (mgr.snapshot("stage1") / STATE_FILE).is_file()
+    # the snapshot is not pruned like step checkpoints, and is the newest: `latest` points at it
+    assert mgr.latest().name == "stage1" and (mgr.snapshot("stage1") / STATE_FILE).is_file()
+    (tmp_path / "checkpoints" / "latest").unlink()  # without the pointer a scan finds the highest step
+    assert mgr.latest().name == "stage1"
+    mgr.save(7, {"stage": "rl"}, save_model)
+    assert [p.name for p in mgr.complete()] == ["step_000003", "step_000007"] and mgr.latest().name == "step_000007"
 
 
 def test_pass_at_k_matches_enumeration():
