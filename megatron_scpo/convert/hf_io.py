@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,21 +88,41 @@ def read_hf_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_hf_checkpoint(hf_dir: str | Path) -> tuple[Any, ArchInfo, dict[str, torch.Tensor]]:
-    """Config + validated full state dict of an HF model directory.
+class LazyHFTensors(Mapping[str, torch.Tensor]):
+    """The tensors of an HF safetensors checkpoint, read from disk only when accessed.
 
-    Names and shapes are checked against the config from the file headers before any tensor is read.
+    ``load_hf_into_model`` touches only the tensors this rank's shards need, one at a time, so a rank's peak
+    memory is its own shards plus one full tensor, not the whole model. ``shapes`` comes from the headers.
+    """
+
+    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]]) -> None:
+        self._files = files
+        self.shapes = shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._files:
+            raise KeyError(name)
+        with safe_open(str(self._files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def read_hf_checkpoint(hf_dir: str | Path) -> tuple[Any, ArchInfo, LazyHFTensors]:
+    """Config, arch info and the (lazily read) validated state dict of an HF model directory.
+
+    Names and shapes are checked against the config from the file headers; no tensor data is read here.
     """
     cfg_dict = read_config_dict(hf_dir)
     info = arch_info(cfg_dict, str(Path(hf_dir) / "config.json"))
     files = weight_files(hf_dir)
-    check_hf_names_and_shapes(read_hf_shapes(files), info, str(hf_dir))
-    tensors: dict[str, torch.Tensor] = {}
-    for path, names in _group_by_file(files).items():
-        with safe_open(str(path), framework="pt") as f:
-            for n in names:
-                tensors[n] = f.get_tensor(n)
-    return load_hf_config(hf_dir), info, tensors
+    shapes = read_hf_shapes(files)
+    check_hf_names_and_shapes(shapes, info, str(hf_dir))
+    return load_hf_config(hf_dir), info, LazyHFTensors(files, shapes)
 
 
 def write_safetensors(

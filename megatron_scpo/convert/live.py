@@ -33,6 +33,7 @@ from megatron_scpo.convert.mapping import (
     hf_shapes,
     layer_params,
     mcore_params,
+    shapes_of,
     split_mcore_tensor,
 )
 
@@ -114,7 +115,7 @@ def load_hf_into_model(chunks: Sequence[torch.nn.Module], hf_config: Any, hf: Ma
     parameter must be covered (nothing left at its random init).
     """
     info = arch_info(hf_config)
-    check_hf_names_and_shapes({k: tuple(v.shape) for k, v in hf.items()}, info, "HF state dict")
+    check_hf_names_and_shapes(shapes_of(hf), info, "HF state dict")
     check_tied_lm_head(hf, info, "HF state dict")
     tp, rank, _ = _tp()
     for lp in _local_params(chunks, info)[0]:

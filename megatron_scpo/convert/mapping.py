@@ -286,10 +286,16 @@ def split_mcore_tensor(p: McoreParam, t: torch.Tensor, info: ArchInfo) -> list[t
     return [(p.hf_names[0], t)]
 
 
+def shapes_of(hf: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes without reading lazily-loaded tensors (``hf_io.LazyHFTensors.shapes``)."""
+    shapes = getattr(hf, "shapes", None)
+    return dict(shapes) if shapes is not None else {k: tuple(v.shape) for k, v in hf.items()}
+
+
 def hf_to_mcore(hf: Mapping[str, torch.Tensor], info: ArchInfo, padded_vocab: int,
                 norms: NormNames = "local") -> dict[str, torch.Tensor]:
     """Full HF state dict -> full Megatron state dict (TP=1 layout, global layer numbers)."""
-    check_hf_names_and_shapes({k: tuple(v.shape) for k, v in hf.items()}, info, "HF state dict")
+    check_hf_names_and_shapes(shapes_of(hf), info, "HF state dict")
     check_tied_lm_head(hf, info, "HF state dict")
     return {p.name: build_mcore_tensor(p, hf, info, padded_vocab) for p in mcore_params(info, norms)}
 
