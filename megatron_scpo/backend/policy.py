@@ -403,10 +403,17 @@ class MegatronPolicy:
         return [unwrap(m) for m in self.model]
 
     def named_hf_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named full tensors for weight sync: provided by megatron_scpo.convert's streaming export."""
-        from megatron_scpo.convert import export as convert_export  # type: ignore[attr-defined]
+        """HF-named full tensors (weight sync / export), streamed by megatron_scpo.convert; collective."""
+        from megatron_scpo.convert.live import iter_hf_tensors
 
-        yield from convert_export.named_hf_parameters(self.modules(), self.hf_config)
+        yield from iter_hf_tensors(self.modules(), self.hf_config)
+
+    def load_hf_weights(self, hf_state_dict: dict[str, torch.Tensor]) -> None:
+        """Load full HF-named tensors into this rank's shards and refresh the optimizer's main params."""
+        from megatron_scpo.convert.live import load_hf_into_model
+
+        load_hf_into_model(self.modules(), self.hf_config, hf_state_dict)
+        self.optimizer.reload_model_params()
 
     # ------------------------------------------------------------------ checkpoints
     def _model_sharded_state_dict(self) -> dict[str, Any]:
