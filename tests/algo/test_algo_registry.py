@@ -212,3 +212,37 @@ def test_s_gae_step_count_bias_is_measured_not_assumed():
     for adv, lam, reduce in (("s_gae", 1.0, "mean"), ("s_gae", 0.5, "mean"), ("split", 0.5, "sum")):
         a = per_response(adv, lam, reduce)
         torch.testing.assert_close(a, a[:1].expand(4), msg=f"{adv} {lam} {reduce}")
+
+
+def test_bad_values_raise_clear_errors():
+    m = build_method(AlgoConfig(method="scpo"))
+    r = scpo_batch()
+    r.step_importance = [torch.tensor([float("nan"), 0.0]), torch.tensor([0.5]), None]
+    with pytest.raises(ValueError, match="importance"):
+        m.compute(r)
+    r.step_importance = [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.5]), None]
+    with pytest.raises(ValueError, match="3 importances"):
+        m.compute(r)
+    empty = make_batch([True], [2], [0])
+    empty.group_ids, empty.correct = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
+    with pytest.raises(ValueError, match="non-empty"):
+        build_method(AlgoConfig(method="grpo")).compute(empty)
+    r = make_batch([True, False], [0, 0], [0, 0], T=1)  # every response empty: defined zeros
+    r.step_ids, r.response_mask = torch.full((2, 0), -1), torch.zeros(2, 0, dtype=torch.bool)
+    r.step_importance = [torch.zeros(0), None]
+    for name in ("scpo", "grpo", "calibration"):
+        assert build_method(AlgoConfig(method=name)).compute(r).advantages.shape == (2, 0)
+
+
+def test_config_sections_from_yaml():
+    from megatron_scpo import configlib
+
+    cfg = configlib.build(AlgoConfig, {"method": "scpo", "scpo": {"k0": None, "advantage": "split", "lam": 0.9},
+                                       "importance": {"mode": "leave_one_out"}, "lapo": {"beta": 0.7}})
+    assert cfg.scpo.advantage == "split" and cfg.importance.mode == "leave_one_out" and cfg.lapo.beta == 0.7
+    for bad, msg in (({"scpo": {"k1": 2.0}}, "scpo: k1"), ({"scpo": {"advantage": "gae"}}, "scpo.advantage"),
+                     ({"lapo": {"budget_template": "no n"}}, "lapo: budget_template"),
+                     ({"method": "calibration", "overlong": {"enabled": True}}, "overlong.enabled"),
+                     ({"clip": {"eps_low_min": 0.3, "eps_low_max": 0.1}}, "eps_low_min")):
+        with pytest.raises(configlib.ConfigError, match=msg):
+            configlib.build(AlgoConfig, bad)
