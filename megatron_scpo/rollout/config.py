@@ -28,7 +28,7 @@ class SGLangConfig:
     retry_backoff_s: float = 1.0  # doubles per attempt
     max_batch_per_request: int = 256  # input_ids rows per /generate call
     weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
-    weight_bucket_mb: int = 512
+    weight_bucket_mb: float = 512.0  # >= 512 MB buckets keep sync fast on GPU (anchors 4.1)
     sync_master_addr: str = "127.0.0.1"  # distributed sync: trainer rank 0 address, reachable from the servers
     sync_master_port: int = 0  # 0 = pick a free port
     sync_backend: Literal["nccl", "gloo"] = "nccl"
@@ -36,7 +36,9 @@ class SGLangConfig:
     pause_mode: Literal["abort", "retract", "in_place"] = "abort"
 
     def validate(self) -> None:
-        for name in ("num_servers", "tp_size", "max_batch_per_request", "weight_bucket_mb"):
+        if self.weight_bucket_mb <= 0:
+            raise ValueError(f"weight_bucket_mb must be > 0, got {self.weight_bucket_mb}")
+        for name in ("num_servers", "tp_size", "max_batch_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_retries < 0:

@@ -384,7 +384,7 @@ class SGLangEngine:
         mode = self.cfg.weight_sync
         self.pause()
         try:
-            buckets = bucket_named_tensors(named_tensors, self.cfg.weight_bucket_mb * 2**20)
+            buckets = bucket_named_tensors(named_tensors, int(self.cfg.weight_bucket_mb * 2**20))
             if mode == "disk":
                 self._sync_disk(buckets, version)
             else:

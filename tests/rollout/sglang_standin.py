@@ -159,6 +159,14 @@ class SGLangStandin:
             return ""
         if path == "/flush_cache":
             return "Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting requests, the operation will not be performed.)\n"  # noqa: E501
+        if path == "/_standin/requests":  # test hook (not SGLang): the paths received so far
+            return {"paths": [p for p, _ in self.requests]}
+        if path == "/_standin/set":  # test hook (not SGLang): fault-injection knobs
+            for k, v in body.items():
+                if k not in ("lie_version", "delay_s", "fail_next"):
+                    raise HTTPError(400, f"unknown knob {k}")
+                setattr(self, k, v)
+            return {"success": True}
         if method != "POST":
             raise HTTPError(405, f"{method} not allowed on {path}")
         if path == "/generate":
@@ -300,3 +308,17 @@ class SGLangStandin:
     def _continue_generation(self, body: dict) -> dict:
         self._running.set()
         return {"status": "ok", "message": "Generation continued"}
+
+
+def serve_in_subprocess(seed: int, port_queue: Any) -> None:
+    """Entry point of a stand-in in its own process (needed when the test itself joins a torch.distributed
+    group with it: one process cannot register the same group name twice)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from rollout_tiny import EOS, tiny_llama, tiny_tokenizer
+
+    torch.set_num_threads(1)
+    s = SGLangStandin(LocalEngine(tiny_llama(seed=seed), tiny_tokenizer(), eos_token_ids=[EOS])).start()
+    port_queue.put(s.port)
+    threading.Event().wait()
