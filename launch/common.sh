@@ -14,7 +14,6 @@
 #   SCPO_COLOCATE=1      SGLang servers share the training GPUs instead
 #   SCPO_CPU=1           test mode: gloo, no GPUs, in-process rollout engine
 #   SCPO_GPUS_PER_NODE   GPUs per node (default: from SLURM; CPU mode: processes per node, default 2)
-#   SCPO_SGLANG_TP       tensor parallel size of each SGLang server (default 1)
 #   SCPO_MASTER_PORT     torch.distributed port (default 20000 + job id % 10000: jobs sharing a node differ)
 #   SCPO_HEALTH_TIMEOUT  seconds for SGLang servers / router to become healthy (default 900)
 #   SCPO_JOB_TIMEOUT     hard wall-clock limit in seconds on top of --time (default 0 = off)
@@ -130,7 +129,7 @@ scpo_make_plan() {  # args: config overrides
     local flags=(--nodes "$SCPO_NODES" --gpus-per-node "$SCPO_GPUS_PER_NODE"
         --rollout-nodes "${SCPO_ROLLOUT_NODES:-0}" --hostnames "$SCPO_HOSTS" --addresses "$SCPO_ADDRS"
         --master-port "$SCPO_MASTER_PORT" --run-dir "$SCPO_RUN_DIR" --python "$SCPO_PYTHON"
-        --launch-dir "$SCPO_HOME/launch" --sglang-tp "${SCPO_SGLANG_TP:-1}"
+        --launch-dir "$SCPO_HOME/launch"
         --torchrun-log-dir "$SCPO_LOG_DIR/ranks" --write-plan "$SCPO_PLAN")
     if [ "${SCPO_COLOCATE:-0}" = "1" ]; then flags+=(--colocate); fi
     if [ "${SCPO_CPU:-0}" = "1" ]; then flags+=(--cpu); fi

@@ -2,7 +2,8 @@
 # One SGLang server (`python -m sglang.launch_server`) with the arguments our plans use.
 #
 #   launch/sglang_server.sh --model-path DIR [--host H] [--port P] [--tp N] [--mem-fraction F]
-#                           [--base-gpu-id I] [--nccl-port P] [--dtype auto|bfloat16] [-- extra sglang args]
+#                           [--base-gpu-id I] [--nccl-port P] [--dtype auto|bfloat16] [--context-length N]
+#                           [-- extra sglang args]
 #
 # Why a wrapper: the planner (megatron_scpo/launch_plan.py) decides host/port/tp/GPU slice per server and
 # calls this script; the exact SGLang flags live here once. Unknown options after `--` (or any unknown
@@ -22,6 +23,7 @@ while [ $# -gt 0 ]; do
         --base-gpu-id) base_gpu="$2"; shift 2 ;;
         --nccl-port) nccl_port="$2"; shift 2 ;;
         --dtype) dtype="$2"; shift 2 ;;
+        --context-length) extra+=(--context-length "$2"); shift 2 ;;
         --) shift; extra+=("$@"); break ;;
         *) extra+=("$1"); shift ;;
     esac

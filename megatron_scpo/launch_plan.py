@@ -27,9 +27,8 @@ from typing import Literal
 
 from megatron_scpo.configlib import ConfigError
 
-DEFAULT_MASTER_PORT = 29500
-DEFAULT_ROUTER_PORT = 30000  # what the trainer talks to (SGLang's usual port)
-DEFAULT_SGLANG_BASE_PORT = 30010  # server i on a node: base + 10*i (its NCCL port: +1)
+DEFAULT_MASTER_PORT = 29500  # torch.distributed store; the weight-sync group (disaggregated) uses +1
+# Ports from rollout.sglang.base_port (B): router on B, server i of a node on B + 10*(i+1), its NCCL port +1.
 SGLANG_PORT_STRIDE = 10
 
 
@@ -223,15 +222,15 @@ def make_plan(
     addresses: list[str] | None = None,
     run_dir: str | None = None,
     master_port: int = DEFAULT_MASTER_PORT,
-    router_port: int = DEFAULT_ROUTER_PORT,
-    sglang_base_port: int = DEFAULT_SGLANG_BASE_PORT,
-    sglang_tp: int = 1,
-    sglang_mem_fraction: float | None = None,
     python: str = "python3",
     launch_dir: str = "launch",
     torchrun_log_dir: str | None = None,
 ) -> LaunchPlan:
-    """Validate config + allocation and lay out every node's processes (raises LaunchPlanError)."""
+    """Validate config + allocation and lay out every node's processes (raises LaunchPlanError).
+
+    SGLang servers take their sizes from ``rollout.sglang`` (tp_size, mem_fraction_static, dtype,
+    context_length, extra_args, base_port); the trainer is pointed at them with config overrides.
+    """
     from megatron_scpo.config import load_config  # the config tree, not Megatron: cheap
 
     overrides = list(overrides)
@@ -244,10 +243,9 @@ def make_plan(
         raise LaunchPlanError(f"{len(addresses)} addresses given for --nodes={nodes}")
     cfg = load_config(config_path, overrides)
     unit = "procs" if cpu else "GPUs"
-    if sglang_tp < 1 or gpus_per_node % sglang_tp:
-        raise LaunchPlanError(f"--sglang-tp={sglang_tp} must be >= 1 and divide {gpus_per_node} {unit} per node")
-    if master_port <= 0 or router_port <= 0 or sglang_base_port <= 0:
-        raise LaunchPlanError("ports must be positive")
+    sg = cfg.rollout.sglang
+    if not 0 < master_port < 65535:
+        raise LaunchPlanError(f"--master-port={master_port} is not a port")
 
     train_nodes = nodes - rollout_nodes
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
@@ -263,7 +261,11 @@ def make_plan(
         if engine != "local":
             raise LaunchPlanError(f"{config_path}: CPU mode needs rollout.engine=local, config has {engine!r}")
     elif launch_servers:
-        if cfg.model.hf_path is None:
+        if gpus_per_node % sg.tp_size:
+            raise LaunchPlanError(
+                f"rollout.sglang.tp_size={sg.tp_size} does not divide {gpus_per_node} GPUs per node"
+            )
+        if (sg.model_path or cfg.model.hf_path) is None:
             raise LaunchPlanError(f"{config_path}: SGLang servers need model.hf_path (an HF model dir)")
         if cfg.rollout.sglang_urls:
             raise LaunchPlanError(
@@ -290,32 +292,47 @@ def make_plan(
     # SGLang servers (+ router on the first server node) when this job owns the rollout engine.
     router_url: str | None = None
     server_urls: list[str] = []
-    if launch_servers:
-        mem = sglang_mem_fraction if sglang_mem_fraction is not None else (0.4 if colocate else 0.85)
+    if launch_servers and not cpu:
+        mem = sg.mem_fraction_static if sg.mem_fraction_static is not None else (0.4 if colocate else 0.85)
         server_nodes = node_plans[:train_nodes] if colocate else node_plans[train_nodes:]
         for n in server_nodes:
-            for s in range(gpus_per_node // sglang_tp):
-                port = sglang_base_port + SGLANG_PORT_STRIDE * s
+            for s in range(gpus_per_node // sg.tp_size):
+                port = sg.base_port + SGLANG_PORT_STRIDE * (s + 1)
                 argv = [
-                    "bash", f"{launch_dir}/sglang_server.sh", "--model-path", str(cfg.model.hf_path),
-                    "--host", n.address, "--port", str(port), "--tp", str(sglang_tp),
-                    "--mem-fraction", f"{mem:g}", "--base-gpu-id", str(s * sglang_tp), "--nccl-port", str(port + 1),
-                    "--dtype", "bfloat16" if cfg.model.dtype == "bfloat16" else "auto",
+                    "bash", f"{launch_dir}/sglang_server.sh", "--model-path", str(sg.model_path or cfg.model.hf_path),
+                    "--host", n.address, "--port", str(port), "--tp", str(sg.tp_size), "--mem-fraction", f"{mem:g}",
+                    "--base-gpu-id", str(s * sg.tp_size), "--nccl-port", str(port + 1), "--dtype", sg.dtype,
                 ]  # fmt: skip
-                if colocate:
-                    argv.append("--enable-memory-saver")  # lets the trainer release/resume KV cache memory
+                if sg.context_length:
+                    argv += ["--context-length", str(sg.context_length)]
+                extra = list(sg.extra_args)
+                if colocate and "--enable-memory-saver" not in extra:
+                    extra.append("--enable-memory-saver")  # lets the trainer release/resume KV cache memory
+                if extra:
+                    argv += ["--", *extra]
                 url = f"http://{n.address}:{port}"
                 server_urls.append(url)
                 n.processes.append(Process(f"sglang-{s}", "service", argv, health_url=f"{url}/health"))
         head = server_nodes[0]
-        router_url = f"http://{head.address}:{router_port}"
+        router_url = f"http://{head.address}:{sg.base_port}"
         head.processes.append(Process(
             "router", "service",
-            [python, "-m", "sglang_router.launch_router", "--host", head.address, "--port", str(router_port),
+            [python, "-m", "sglang_router.launch_router", "--host", head.address, "--port", str(sg.base_port),
              "--worker-urls", *server_urls],
             health_url=f"{router_url}/health",
         ))  # fmt: skip
-        for key, value in (("rollout.engine", "sglang"), ("rollout.sglang_urls", json.dumps([router_url]))):
+        # Generation goes through the router; weight sync goes to every server. update_weights_from_tensor
+        # only reaches servers on trainer rank 0's node, so any server elsewhere needs the NCCL group.
+        planned = {"rollout.engine": "sglang", "rollout.sglang_urls": json.dumps(server_urls),
+                   "rollout.sglang.router_url": router_url}  # fmt: skip
+        remote = any(n.index != 0 for n in server_nodes)
+        if remote and sg.weight_sync == "tensor":
+            planned["rollout.sglang.weight_sync"] = "distributed"
+            notes.append("rollout.sglang.weight_sync tensor -> distributed (servers on other nodes than rank 0)")
+        if remote or sg.weight_sync == "distributed":
+            planned["rollout.sglang.sync_master_addr"] = addresses[0]
+            planned["rollout.sglang.sync_master_port"] = str(master_port + 1)
+        for key, value in planned.items():
             if not _override_value(trainer_overrides, key):
                 trainer_overrides.append(f"{key}={value}")
 
@@ -331,7 +348,8 @@ def make_plan(
         ]  # fmt: skip
         if torchrun_log_dir:  # per-rank stdout/stderr files (and still teed into the node's trainer log)
             argv += [f"--log-dir={torchrun_log_dir}/{n.name}", "--redirects=3", "--tee=3"]
-        argv += ["-m", "megatron_scpo.cli", "train", config_path, "--run-dir", run_dir, *trainer_overrides]
+        # overrides before --run-dir: `scpo train` takes its positionals first
+        argv += ["-m", "megatron_scpo.cli", "train", config_path, *trainer_overrides, "--run-dir", run_dir]
         n.processes.append(Process("trainer", "main", argv, env=dict(env)))
 
     return LaunchPlan(
@@ -395,10 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--addresses", help="comma-separated node addresses (default: the hostnames)")
     p.add_argument("--run-dir", help="run directory (default: config run_dir, else runs/<name>)")
     p.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
-    p.add_argument("--router-port", type=int, default=DEFAULT_ROUTER_PORT)
-    p.add_argument("--sglang-base-port", type=int, default=DEFAULT_SGLANG_BASE_PORT)
-    p.add_argument("--sglang-tp", type=int, default=1, help="tensor parallel size of each SGLang server")
-    p.add_argument("--sglang-mem-fraction", type=float, help="default 0.85 (own nodes) / 0.4 (colocated)")
     p.add_argument("--python", default="python3", help="interpreter the nodes use")
     p.add_argument("--launch-dir", default="launch", help="where sglang_server.sh lives on the nodes")
     p.add_argument("--torchrun-log-dir", help="per-rank torchrun logs under DIR/<node>/")
@@ -439,8 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, rollout_nodes=args.rollout_nodes,
             colocate=args.colocate, cpu=args.cpu, overrides=args.overrides, hostnames=_csv(args.hostnames),
             addresses=_csv(args.addresses), run_dir=args.run_dir, master_port=args.master_port,
-            router_port=args.router_port, sglang_base_port=args.sglang_base_port, sglang_tp=args.sglang_tp,
-            sglang_mem_fraction=args.sglang_mem_fraction, python=args.python, launch_dir=args.launch_dir,
+            python=args.python, launch_dir=args.launch_dir,
             torchrun_log_dir=args.torchrun_log_dir,
         )  # fmt: skip
     except ConfigError as e:
