@@ -25,7 +25,7 @@ import yaml
 
 from megatron_scpo import configlib
 from megatron_scpo.config import ConfigError, ExperimentConfig, load_config
-from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info
+from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info, prime_optimizer_state
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -125,7 +125,10 @@ def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
             _write_tiny_model(cfg, hf_dir, tok)
     barrier()
     _, _, hf_tensors = read_hf_checkpoint(hf_dir)
-    load_hf_into_model(policy.modules(), hf_config, hf_tensors)
+    if hasattr(policy, "load_hf_weights"):  # also refreshes the optimizer's main params
+        policy.load_hf_weights(hf_tensors)
+    else:
+        load_hf_into_model(policy.modules(), hf_config, hf_tensors)
     del hf_tensors
     tokenizer = load_tokenizer(hf_dir)
     engine = _make_engine(cfg, hf_dir, tokenizer) if rank == 0 else None
@@ -171,6 +174,7 @@ class Pipeline:
         latest = rt.ckpt.latest()
         if latest is None:
             return False
+        prime_optimizer_state(rt.policy)
         st = rt.ckpt.load(latest, load_model=rt.policy.load_checkpoint)
         rt.global_step = int(st.pop("global_step"))
         rt.weight_version = int(st.get("weight_version", 0))
@@ -318,7 +322,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: Path, checkpoint: str | 
     path = rt.ckpt.snapshot(checkpoint) or (rt.ckpt.root / checkpoint if checkpoint else rt.ckpt.latest())
     if path is None or not path.is_dir():
         raise ConfigError(f"{run_dir}: no checkpoint {checkpoint or 'latest'}")
-    rt.ckpt.load(path, load_model=rt.policy.load_checkpoint, restore_rng=False)
+    rt.ckpt.load(path, load_model=lambda d: rt.policy.load_checkpoint(d, load_optimizer=False), restore_rng=False)
     rt.sync_weights()
     if out:
         rt.run_dir = Path(out)
