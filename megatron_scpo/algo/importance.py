@@ -85,13 +85,15 @@ def build_importance_requests(
         req.plans.append(plan)
         if S == 0:
             continue
-        step_of_tok = ids.tolist()
-        tok_unit = [unit_of_step[s] if s < S else U for s in step_of_tok]  # U marks answer-step tokens
-        reasoning = [(t, u) for t, u in zip(resp, tok_unit) if u < U]
+        if bool((ids.diff() < 0).any()):
+            raise ValueError(f"item {i}: step_ids must be non-decreasing (steps are contiguous token ranges)")
+        # units are contiguous token ranges too: bounds[u] = first token of unit u, bounds[U] = end of reasoning
+        first_step_of_unit = torch.tensor([unit_of_step.index(u) for u in range(U)] + [S], dtype=torch.long)
+        bounds = torch.searchsorted(ids, first_step_of_unit).tolist()
         if cfg.mode == "prefix_gain":  # prefixes of the first k units, k = 0..U
-            bodies = [[t for t, u in reasoning if u < k] for k in range(U + 1)]
+            bodies = [resp[: bounds[k]] for k in range(U + 1)]
         else:  # all units, then each unit left out
-            bodies = [[t for t, _ in reasoning]] + [[t for t, u in reasoning if u != k] for k in range(U)]
+            bodies = [resp[: bounds[U]]] + [resp[: bounds[k]] + resp[bounds[k + 1] : bounds[U]] for k in range(U)]
         prompt, tail = list(it.prompt_ids), forcing + list(it.answer_ids)
         for body in bodies:
             seq = prompt + body + tail

@@ -137,3 +137,5 @@ def test_importance_edge_cases():
         importance_from_scores([-1.0], req)
     with pytest.raises(ValueError, match="answer_ids"):
         build_importance_requests([ImportanceItem([1], [10], torch.tensor([0]), [])], [7])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        build_importance_requests([ImportanceItem([1], [10, 11, 12], torch.tensor([1, 0, 2]), [8], answer_step=2)], [7])
