@@ -1,8 +1,9 @@
-"""Per-token log-probs from vocab-parallel logits, and the loss aggregation the backend scales by.
+"""Per-token log-probs from vocab-parallel logits, and the micro-batch weights of the global loss.
 
-The kernels engineer's ``scpo_kernels.fused_logprobs`` is used when it is importable; until it lands (or if
-its import fails) megatron's ``vocab_parallel_cross_entropy`` (negated) computes the same quantity. Padded
-vocab rows (vocab padded to 128*TP) get a very negative logit, never probability mass.
+Log-probs use ``scpo_kernels.fused_logprobs`` (vocab-parallel over the TP group); padded vocab rows (vocab
+padded to 128*TP) get a very negative logit, never probability mass. Aggregation is the kernels'
+``aggregate`` / ``policy_loss``; ``agg_units`` says how many units each mode averages over, so the backend
+can weight micro-batches to reproduce the global-batch aggregate.
 """
 
 from __future__ import annotations
@@ -10,16 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from scpo_kernels import aggregate, fused_logprobs, policy_loss
+
+__all__ = ["AGG_MODES", "agg_units", "aggregate", "mask_padded_vocab", "policy_loss", "token_logprobs"]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-def _kernel_fused_logprobs() -> Any:
-    try:
-        from scpo_kernels import fused_logprobs
-    except ImportError:
-        return None
-    return fused_logprobs if callable(fused_logprobs) else None
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
@@ -55,14 +51,7 @@ def token_logprobs(
         return torch.zeros(b, s, dtype=torch.float32, device=logits.device)
     shard = mask_padded_vocab(logits[:, :-1], vocab_size, tp_rank)
     targets = input_ids[:, 1:].reshape(-1)
-    fused = _kernel_fused_logprobs()
-    if fused is not None:
-        lp, _ = fused(shard.reshape(-1, v_local), targets, temperature=temperature, tp_group=tp_group)
-    else:
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        scaled = shard.float() / temperature  # fresh tensor: megatron's CE modifies its input in place
-        lp = -vocab_parallel_cross_entropy(scaled.reshape(-1, 1, v_local), targets.reshape(-1, 1)).reshape(-1)
+    lp, _ = fused_logprobs(shard.reshape(-1, v_local), targets, temperature=temperature, tp_group=tp_group)
     lp = lp.reshape(b, s - 1).float()
     return torch.cat([torch.zeros(b, 1, dtype=lp.dtype, device=lp.device), lp], dim=1)
 
@@ -80,63 +69,3 @@ def agg_units(mask: torch.Tensor, agg: str) -> torch.Tensor:
     if agg == "seq-mean-token-sum-norm":
         return torch.tensor(float(mask.shape[0]), dtype=torch.float64)
     raise ValueError(f"loss aggregation {agg!r} is not supported; choose one of {list(AGG_MODES)}")
-
-
-def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: str, norm_length: float | None = None) -> torch.Tensor:
-    """Aggregate a per-token quantity [B, T] over ``mask`` the way ``agg`` says (0 for an empty batch).
-
-    Same convention as scpo_kernels.policy_loss (used here for the KL term and the global normalizer).
-    """
-    m = mask.to(x.dtype)
-    if agg == "token-mean":
-        return (x * m).sum() / m.sum().clamp(min=1)
-    if agg == "seq-mean-token-mean":
-        per_seq = (x * m).sum(-1) / m.sum(-1).clamp(min=1)
-        nonempty = (m.sum(-1) > 0).to(x.dtype)
-        return (per_seq * nonempty).sum() / nonempty.sum().clamp(min=1)
-    if agg == "seq-mean-token-sum-norm":
-        norm = float(norm_length) if norm_length else float(x.shape[-1])
-        return (x * m).sum() / (x.shape[0] * norm)
-    raise ValueError(f"loss aggregation {agg!r} is not supported; choose one of {list(AGG_MODES)}")
-
-
-def _fallback_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    eps_low: torch.Tensor,
-    eps_high: torch.Tensor,
-    *,
-    dual_clip: float | None = None,
-    tis_weights: torch.Tensor | None = None,
-    agg: str = "token-mean",
-    norm_length: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate with per-sample clip ranges; used only until scpo_kernels.policy_loss lands."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    lo = (1.0 - eps_low).unsqueeze(-1)
-    hi = (1.0 + eps_high).unsqueeze(-1)
-    pg = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, lo, hi))
-    if dual_clip is not None:
-        pg = torch.where(advantages < 0, torch.minimum(pg, -advantages * dual_clip), pg)
-    if tis_weights is not None:
-        pg = pg * tis_weights
-    m = mask.to(pg.dtype)
-    n = m.sum().clamp(min=1)
-    metrics = {  # same names and definitions as scpo_kernels.policy_loss
-        "clipfrac_low": ((advantages < 0) & (ratio < lo)).to(pg.dtype).mul(m).sum() / n,
-        "clipfrac_high": ((advantages > 0) & (ratio > hi)).to(pg.dtype).mul(m).sum() / n,
-    }
-    return aggregate(pg, mask, agg, norm_length), metrics
-
-
-def policy_loss(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``scpo_kernels.policy_loss`` when available, else the local fallback (same signature)."""
-    try:
-        from scpo_kernels import policy_loss as kernel_policy_loss
-    except ImportError:
-        kernel_policy_loss = None
-    if not callable(kernel_policy_loss):  # not exported yet (a bare submodule is not the function)
-        return _fallback_policy_loss(*args, **kwargs)
-    return kernel_policy_loss(*args, **kwargs)

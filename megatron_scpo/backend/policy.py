@@ -287,11 +287,11 @@ class MegatronPolicy:
         logits: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lp = self._token_logprobs(mb, logits, kw.get("temperature", 1.0))
-        mask = mb["loss_mask"].to(lp.dtype)
+        mask = mb["loss_mask"].bool()
         agg = kw.get("agg", "token-mean") if loss == "policy" else "token-mean"
         units = float(lpmod.agg_units(mask, agg))
         weight = units / units_global if units_global > 0 else 0.0
-        ntok = mask.sum().detach()
+        ntok = mask.sum().to(torch.float32)
         zero = torch.zeros((), dtype=torch.float32)
         stats = {"clip_low": zero, "clip_high": zero, "kl": zero}
         if units == 0:
@@ -362,7 +362,7 @@ class MegatronPolicy:
         if agg not in lpmod.AGG_MODES:
             raise ValueError(f"loss_kwargs['agg']={agg!r}; choose one of {list(lpmod.AGG_MODES)}")
         self._validate_train_batch(batch, loss)
-        units = lpmod.agg_units(batch["loss_mask"].float(), agg).reshape(1)
+        units = lpmod.agg_units(batch["loss_mask"].bool(), agg).reshape(1)
         if self.info.dp > 1:
             dist.all_reduce(units, group=self._ps.get_data_parallel_group())
         mbs_list = self._micro_batches(dict(batch), self.micro_batch_size)
