@@ -89,6 +89,14 @@ def test_gradient_matches_analytic_float64(seed, dual, tis, kl):
     loss.backward()
     expected = _analytic_grad(lp.detach(), old, adv, mask, el, eh, c, w, ref, kc)
     torch.testing.assert_close(lp.grad, expected, rtol=1e-9, atol=1e-12)
+    # the float32 path agrees with the float64 reference
+    lp32 = lp.detach().float().requires_grad_(True)
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    loss32, _ = policy_loss(lp32, old.float(), adv.float(), mask, el.float(), eh.float(), dual_clip=c,
+                            tis_weights=f(w), ref_logprobs=ref.float(), kl_coef=kc)
+    loss32.backward()
+    assert loss32.item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(lp32.grad.double(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_padding_garbage_never_leaks():
