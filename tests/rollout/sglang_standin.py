@@ -310,15 +310,27 @@ class SGLangStandin:
         return {"status": "ok", "message": "Generation continued"}
 
 
-def serve_in_subprocess(seed: int, port_queue: Any) -> None:
-    """Entry point of a stand-in in its own process (needed when the test itself joins a torch.distributed
-    group with it: one process cannot register the same group name twice)."""
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from rollout_tiny import EOS, tiny_llama, tiny_tokenizer
+def launch_main(argv: list[str]) -> None:
+    """``python -m sglang.launch_server`` look-alike: tests put a fake ``sglang`` package on PYTHONPATH whose
+    launch_server runs this, so SGLangEngine's launch/supervise/kill path runs on a real subprocess. The
+    flags SGLangEngine emits must parse (unknown flags exit with code 2, as argparse does in SGLang)."""
+    import argparse
 
+    ap = argparse.ArgumentParser(prog="sglang.launch_server")
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--host", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--base-gpu-id", type=int, default=0)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--mem-fraction-static", type=float)
+    ap.add_argument("--context-length", type=int)
+    args = ap.parse_args(argv)
+    if args.host != "127.0.0.1":
+        raise SystemExit("the stand-in listens on 127.0.0.1 only")
     torch.set_num_threads(1)
-    s = SGLangStandin(LocalEngine(tiny_llama(seed=seed), tiny_tokenizer(), eos_token_ids=[EOS])).start()
-    port_queue.put(s.port)
+    engine = LocalEngine.from_pretrained(args.model_path)
+    s = SGLangStandin(engine, port=args.port, ready_after_s=0.5, model_path=args.model_path).start()
+    s.tp_size = args.tp_size
     threading.Event().wait()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
+import os
+import socket
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
 import torch
 from rollout_tiny import EOS, VOCAB, tiny_llama, tiny_tokenizer
-from sglang_standin import SGLangStandin, serve_in_subprocess
+from sglang_standin import SGLangStandin
 
 from megatron_scpo.rollout import (
     LogprobMismatchError,
@@ -25,7 +27,14 @@ from megatron_scpo.rollout.check import check_logprobs, make_check_sequences
 from megatron_scpo.rollout.local import LocalEngine, teacher_forced_logprobs
 from megatron_scpo.rollout.sglang import SGLangEngine, build_launch_command, serialize_named_tensors
 
+HERE = Path(__file__).parent
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [20], [30, 31, 32, 33]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cfg(**kw) -> SGLangConfig:
@@ -152,34 +161,39 @@ def test_503_before_ready_retries_restart_timeout_dead_server():
         s.stop()
 
 
-@pytest.fixture
-def standin_process():
-    """A stand-in in a separate process (for the gloo weight-update group); yields its URL."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=serve_in_subprocess, args=(0, q), daemon=True)
-    proc.start()
-    try:
-        yield f"http://127.0.0.1:{q.get(timeout=120)}"
-    finally:
-        proc.terminate()
-        proc.join(10)
+def fake_sglang_package(root: Path) -> Path:
+    """A ``sglang`` package whose launch_server module runs the stand-in (see sglang_standin.launch_main)."""
+    pkg = root / "fake_sglang" / "sglang"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "launch_server.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom sglang_standin import launch_main\n"
+        "launch_main(sys.argv[1:])\n"
+    )
+    return pkg.parent
 
 
 @pytest.mark.parametrize("mode", ["disk", "tensor", "distributed"])
-def test_weight_sync(tmp_path, mode, request):
+def test_weight_sync(tmp_path, mode, monkeypatch):
+    base = tmp_path / "base"
+    tiny_llama(seed=0).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    c = cfg(weight_sync=mode, weight_bucket_mb=0.05, model_path=str(base), sync_backend="gloo",
+            disk_sync_dir=str(tmp_path / "sync"), log_dir=str(tmp_path / "logs"), base_port=free_port(),
+            startup_timeout_s=180.0)
     s = None
     if mode == "distributed":
-        url = request.getfixturevalue("standin_process")
+        # the trainer joins a gloo group with the server, which must then be another process: launch mode, a
+        # real subprocess started, health-polled and killed by SGLangEngine (a fake sglang runs the stand-in)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake_sglang_package(tmp_path)), *sys.path]))
+        eng = SGLangEngine(c)
+        url = eng.worker_urls[0]
+        assert url == f"http://127.0.0.1:{c.base_port}" and len(eng._procs) == 1
     else:
         s = make_server()
         url = s.url
-    try:
-        (tmp_path / "base").mkdir()
-        (tmp_path / "base" / "config.json").write_text(json.dumps(tiny_llama().config.to_dict()))
-        c = cfg(weight_sync=mode, weight_bucket_mb=0.05, model_path=str(tmp_path / "base"), sync_backend="gloo",
-                disk_sync_dir=str(tmp_path / "sync"))
         eng = SGLangEngine(c, [url], launch=False)
+    try:
         assert eng.vocab_size == VOCAB and eng.max_context_len == 128  # read from model_path/config.json
         g = SamplingParams(max_new_tokens=12, temperature=0.0)
         before = [x[0].token_ids for x in eng.generate(PROMPTS, 1, g)]
@@ -209,8 +223,10 @@ def test_weight_sync(tmp_path, mode, request):
         requests.post(url + "/_standin/set", json={"lie_version": True})
         with pytest.raises(WeightSyncError, match=f"{url}: weight_version is '999'"):
             eng.update_weights(iter(named), 3)
-        eng.shutdown()
     finally:
+        procs = list(eng._procs)
+        eng.shutdown()
+        assert all(p.poll() is not None for p in procs)
         if s is not None:
             s.stop()
 
@@ -240,3 +256,10 @@ def test_launch_command_and_serializer():
         SGLangEngine(SGLangConfig(tp_size=0), ["http://127.0.0.1:1"])
     with pytest.raises(ValueError, match="model_path"):
         SGLangEngine(SGLangConfig(), [])
+
+
+def test_launched_server_that_exits_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(fake_sglang_package(tmp_path)))
+    c = cfg(model_path=str(tmp_path), base_port=free_port(), log_dir=str(tmp_path / "logs"), extra_args=["--bogus"])
+    with pytest.raises(RolloutServerError, match=r"sglang.launch_server exited with code 2(.|\n)*unrecognized arguments"):
+        SGLangEngine(c)
