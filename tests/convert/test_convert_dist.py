@@ -155,3 +155,25 @@ def test_bad_inputs_fail_before_work_and_leave_no_output(dist_run: Path, tmp_pat
     assert "already exists" in capsys.readouterr().err
     assert not out.exists()
     assert not any(p.name.endswith(".scpo-partial") for p in tmp_path.iterdir())
+
+
+@pytest.mark.distributed
+def test_single_process_cli_round_trip(dist_run: Path, tmp_path: Path):
+    """`scpo convert` as a user runs it: one plain process (private 1-rank gloo group), no torchrun env."""
+    import os
+    import subprocess
+    import sys
+
+    src = dist_run / "qwen2_tied" / "hf"
+    code = (
+        "import sys; from megatron_scpo.cli import main; "
+        f"sys.exit(main(['convert', 'hf-to-mcore', '--hf', {str(src)!r}, '--out', {str(tmp_path / 'mc')!r}]) or "
+        f"main(['convert', 'mcore-to-hf', '--mcore', {str(tmp_path / 'mc')!r}, '--out', {str(tmp_path / 'hf')!r}]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted(p.name for p in src.iterdir())

@@ -188,3 +188,11 @@ def test_bucket_by_bytes_respects_limit_and_order():
     assert [n for b in buckets for n, _ in b] == [n for n, _ in ts]
     with pytest.raises(ValueError, match="max_bytes"):
         list(bucket_by_bytes(iter(ts), 0))
+
+
+def test_top_level_cli_dispatch_reports_bad_input(tmp_path: Path, capsys):
+    from megatron_scpo.cli import main
+
+    assert main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope/config.json: not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
