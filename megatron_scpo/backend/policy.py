@@ -545,6 +545,7 @@ class MegatronPolicy:
                 self.info.pp,
             ):
                 raise CheckpointError(f"{path}: dp_reshardable optimizer state cannot change TP/PP {meta['layout']}")
+            _prime_optimizer_state(self.optimizer)
             sd = self._sharded_state_dict(is_loading=True)
             if meta["optim_sharding"] != self.ckpt_optim_sharding:
                 raise CheckpointError(f"{path}: optimizer sharding {meta['optim_sharding']} != {self.ckpt_optim_sharding}")
@@ -596,6 +597,25 @@ def _load_optimizer_state(opt: Any, state: Any) -> None:
             else:
                 sub.load_state_dict(st)
                 _fix_adam_steps(sub)
+
+
+def _prime_optimizer_state(opt: Any) -> None:
+    """Give a never-stepped optimizer zero Adam state so a checkpoint can be loaded into it.
+
+    Without TE/Apex, DistributedOptimizer.state_dict() asserts one shared ``step`` across the (empty) state
+    of a fresh optimizer: resuming in a new process would fail. Values are overwritten by the load.
+    """
+    for sub in getattr(opt, "chained_optimizers", None) or [opt]:
+        inner = getattr(sub, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    st.setdefault("exp_avg", torch.zeros_like(p.data))
+                    st.setdefault("exp_avg_sq", torch.zeros_like(p.data))
 
 
 def _fix_adam_steps(sub: Any) -> None:

@@ -179,6 +179,11 @@ def _scenarios(rank: int, world: int, tmp: str) -> None:
     m3c = pol.train_step(batch, "sft")
     assert abs(m2c["loss"] - m2["loss"]) < 1e-6 and abs(m3c["loss"] - m3["loss"]) < 1e-5, (m2, m2c, m3, m3c)
 
+    # --- a fresh process-like policy (never stepped) resumes the checkpoint at TP=2 again
+    pol = _policy("qwen3", tp=2, pp=1, mbs=2)
+    pol.load_checkpoint(ck)
+    assert pol.train_step(batch, "policy")["loss"] == m2["loss"]
+
     # --- PP=2 with tied embeddings (Qwen2: qkv bias), SFT loss: the embedding group all-reduce
     lp_ref2, sft_ref, grads_ref2, _ = _reference("qwen2", batch, "token-mean", "sft")
     pol = _policy("qwen2", tp=1, pp=2, mbs=2)
