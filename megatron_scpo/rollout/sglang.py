@@ -411,13 +411,18 @@ class SGLangEngine:
                 raise WeightSyncError(f"{url}: weight_version is {got!r} after sync, expected {str(version)!r}")
 
     def _send_tensor_bucket(self, bucket: list[tuple[str, Tensor]]) -> None:
-        payload = {
-            "serialized_named_tensors": [serialize_named_tensors(bucket)] * self.cfg.tp_size,  # one per TP rank
-            "flush_cache": False,
-            "abort_all_requests": False,
-        }
-        for res in self._all_workers("/update_weights_from_tensor", payload, retries=0):
-            self._check_success(res, "update_weights_from_tensor")
+        def send(url: str) -> Any:
+            # a fresh handle per worker and TP rank: a shared-storage handle may be opened only once
+            payload = {
+                "serialized_named_tensors": [serialize_named_tensors(bucket) for _ in range(self.cfg.tp_size)],
+                "flush_cache": False,
+                "abort_all_requests": False,
+            }
+            return self._call(url, "/update_weights_from_tensor", payload, retries=0)
+
+        with ThreadPoolExecutor(max_workers=len(self.worker_urls)) as ex:
+            for res in ex.map(send, self.worker_urls):
+                self._check_success(res, "update_weights_from_tensor")
 
     def _send_distributed_bucket(self, bucket: list[tuple[str, Tensor]]) -> None:
         if self._pg is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -25,8 +27,9 @@ def tiny_llama(seed: int = 0, tie: bool = False, vocab: int = VOCAB) -> LlamaFor
     return model
 
 
+@functools.cache
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on a few lines; ids 0/1/2 are pad/bos/eos, vocabulary <= VOCAB."""
+    """Byte-level BPE trained on a few lines (cached: read-only); ids 0/1/2 are pad/bos/eos, vocab <= VOCAB."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

@@ -263,3 +263,30 @@ def test_launched_server_that_exits_is_reported(tmp_path, monkeypatch):
     c = cfg(model_path=str(tmp_path), base_port=free_port(), log_dir=str(tmp_path / "logs"), extra_args=["--bogus"])
     with pytest.raises(RolloutServerError, match=r"sglang.launch_server exited with code 2(.|\n)*unrecognized arguments"):
         SGLangEngine(c)
+
+
+def test_several_workers_and_router():
+    a, b = make_server(), make_server()
+    try:
+        eng = SGLangEngine(cfg(max_batch_per_request=4, weight_sync="tensor"), [a.url, b.url], vocab_size=VOCAB)
+        out = eng.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4, seed=1))
+        assert [len(g) for g in out] == [2] * 4 and gen_calls(a) == gen_calls(b) == 1  # 8 rows, 2 requests
+        new = tiny_llama(seed=5)
+        eng.update_weights(list(new.state_dict().items()), 1)
+        for s in (a, b):
+            assert all(torch.equal(v, new.state_dict()[k]) for k, v in s.engine.model.state_dict().items())
+            assert s.weight_version == "1"
+        # behind a router: generation goes to the router URL only, weight sync still to every worker
+        router = make_server(seed=5)
+        try:
+            eng = SGLangEngine(cfg(router_url=router.url, weight_sync="tensor"), [a.url, b.url], vocab_size=VOCAB)
+            na, nb = gen_calls(a), gen_calls(b)
+            eng.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4))
+            assert gen_calls(router) == 1 and (gen_calls(a), gen_calls(b)) == (na, nb)
+            eng.update_weights(list(new.state_dict().items()), 2)
+            assert a.weight_version == b.weight_version == "2" and router.weight_version == "default"
+        finally:
+            router.stop()
+    finally:
+        a.stop()
+        b.stop()
