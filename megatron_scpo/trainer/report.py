@@ -43,6 +43,14 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _signed_pct(reduction: float | None) -> str:
+    """Token change vs the baseline as a signed percentage (-40.0% = 40% fewer tokens)."""
+    if reduction is None:
+        return "-"
+    change = -100 * reduction
+    return f"{'+' if change >= 0 else '-'}{abs(change):.1f}%"
+
+
 def _num(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -72,7 +80,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"], _pct(r["pass@1"])] + [_pct(r.get("pass@k", {}).get(k)) for k in ks] + [
-            _num(r["mean_tokens"]), _pct(-r["token_reduction"]) if r["token_reduction"] is not None else "-",
+            _num(r["mean_tokens"]), _signed_pct(r["token_reduction"]),
             _num(r["ae"], ".2f"), _num(r.get("critical_tokens")), _num(r.get("redundant_tokens")),
             _pct(r["critical_kept"]), _pct(r["redundant_removed"])]
         lines.append("| " + " | ".join(cells) + " |")

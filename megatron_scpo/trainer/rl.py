@@ -166,6 +166,36 @@ def grouped(r: Rollouts, segs: list[Any], importance: list[torch.Tensor | None] 
     )
 
 
+def synthetic_diagnostics(r: Rollouts, segs: list[Any], importance: list[torch.Tensor | None] | None
+                          ) -> dict[str, float]:
+    """Synthetic task only: tokens in critical/redundant steps, and the importance each kind received.
+
+    A step's kind is the majority kind of its tokens (data.synthetic.token_kinds). If the estimator works,
+    ``importance/critical_mean`` sits well above ``importance/redundant_mean``.
+    """
+    from megatron_scpo.data.synthetic import token_kinds
+
+    crit = red = 0
+    by_kind: dict[str, list[float]] = {"critical": [], "redundant": []}
+    for i in range(r.size):
+        kinds = token_kinds(r.problems[i], r.texts[i], r.offsets[i])
+        crit += kinds.count("critical")
+        red += kinds.count("redundant")
+        w = importance[i] if importance is not None else None
+        if w is None:
+            continue
+        ids = segs[i].step_ids.tolist()
+        for k in range(min(int(w.numel()), segs[i].num_steps)):
+            ks = [kinds[t] for t, sid in enumerate(ids) if sid == k and kinds[t] in by_kind]
+            if ks and k != segs[i].answer_step:
+                by_kind[max(set(ks), key=ks.count)].append(float(w[k]))
+    out = {"tokens/critical_mean": crit / max(1, r.size), "tokens/redundant_mean": red / max(1, r.size)}
+    for kind, vals in by_kind.items():
+        if vals:
+            out[f"importance/{kind}_mean"] = sum(vals) / len(vals)
+    return out
+
+
 def rollout_stats(r: Rollouts, rollout_seconds: float) -> dict[str, float]:
     lens = torch.tensor([len(x) for x in r.response_ids], dtype=torch.float64)
     q = torch.quantile(lens, torch.tensor([0.5, 0.9], dtype=torch.float64)) if lens.numel() else torch.zeros(2)
@@ -267,6 +297,8 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
     metrics.update(out.metrics)
     metrics.update(imp_metrics)
     metrics.update(rollout_stats(r, timer.seconds.get("rollout", 0.0)))
+    if cfg.data.source == "synthetic":
+        metrics.update(synthetic_diagnostics(r, segs, importance))
     metrics.update(train_m)
     metrics["train_rollout_logprob_abs_diff"] = float(diff.mean()) if diff.numel() else 0.0
     for k, v in sync_m.items():
