@@ -382,8 +382,8 @@ class SGLangEngine:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise WeightSyncError(f"update_weights: version must be an int >= 0, got {version!r}")
         mode = self.cfg.weight_sync
-        self.pause()
         try:
+            self.pause()
             buckets = bucket_named_tensors(named_tensors, int(self.cfg.weight_bucket_mb * 2**20))
             if mode == "disk":
                 self._sync_disk(buckets, version)
@@ -396,10 +396,15 @@ class SGLangEngine:
                 self._all_workers("/update_weight_version", {"new_version": str(version), "abort_all_requests": False})
             # 400 while requests are still running: retry it like a transient failure
             self._all_workers("/flush_cache", None, retry_statuses=RETRY_STATUSES | {400})
-        except RolloutServerError as e:
-            raise WeightSyncError(f"weight sync ({mode}) to version {version} failed: {e}") from e
-        finally:
-            self.resume()
+        except BaseException as e:
+            try:  # never leave the servers paused; the first error is the one to report
+                self.resume()
+            except RolloutServerError:
+                pass
+            if isinstance(e, RolloutServerError):
+                raise WeightSyncError(f"weight sync ({mode}) to version {version} failed: {e}") from e
+            raise
+        self.resume()
         self._check_version(version)
         self.weight_version = version
 
