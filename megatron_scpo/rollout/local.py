@@ -125,10 +125,10 @@ class LocalEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        tok = None
-        if (Path(path) / "tokenizer.json").exists() or (Path(path) / "tokenizer_config.json").exists():
+        tok = kwargs.pop("tokenizer", None)  # pass the project's tokenizer: AutoTokenizer may swap pre-tokenizers
+        if tok is None and ((Path(path) / "tokenizer.json").exists() or (Path(path) / "tokenizer_config.json").exists()):
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        return cls(model, kwargs.pop("tokenizer", tok), **kwargs)
+        return cls(model, tok, **kwargs)
 
     # ---------------------------------------------------------------- generation
     def _check_ready(self) -> None:
