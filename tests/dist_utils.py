@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -28,12 +29,11 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
         LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    # A finite timeout turns a collective mismatch into an error instead of a hung CI job.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
+    fn(rank, world_size, *args)  # on error, no barrier: mp.spawn reports it and terminates the peers
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def spawn(fn: Callable[..., Any], world_size: int = 2, args: tuple = ()) -> None:
