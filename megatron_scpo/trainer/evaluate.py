@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="checkpoint name under RUN_DIR/checkpoints")
     p.add_argument("--label", default=None, help="name of the eval/<label>.json written")
     p.add_argument("--out", default=None, help="where eval/<label>.json goes (default: run dir or cwd)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
 
     from megatron_scpo.config import load_config
     from megatron_scpo.data.datasets import load_split

@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_warnings()
     p = argparse.ArgumentParser(prog="scpo train", description=__doc__.splitlines()[0])
     add_arguments(p)
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(a.config, a.overrides)
         run_dir = Path(a.run_dir or cfg.run_dir or Path("runs") / cfg.name)
