@@ -173,7 +173,7 @@ scpo_stall_watchdog() {
 
 scpo_tail_logs() {  # show the end of every process log of this attempt (failure context in the job log)
     local f
-    for f in "$SCPO_LOG_DIR"/*/*.log; do
+    for f in "$SCPO_LOG_DIR"/node-*.log "$SCPO_LOG_DIR"/*/*.log; do
         [ -f "$f" ] || continue
         echo "----- tail ${f#"$SCPO_LOG_DIR"/} -----" >&2
         tail -n 20 "$f" >&2
@@ -200,9 +200,9 @@ scpo_job_main() {  # args: config overrides (key.path=value)
     fi
     rm -f "$SCPO_STOP_FILE"
 
-    # One supervisor task per node; a task that fails kills its whole step; one log file per node.
-    local node_step=(--ntasks-per-node=1 --kill-on-bad-exit=1 --output="$SCPO_LOG_DIR/node-%N.log"
-        bash "$SCPO_HOME/launch/node.sh")
+    # One supervisor task per node; a task that fails kills its whole step. Each writes LOG_DIR/node-NAME.log
+    # and echoes into this job log.
+    local node_step=(--ntasks-per-node=1 --kill-on-bad-exit=1 bash "$SCPO_HOME/launch/node.sh")
     local pid_train="" pid_rollout="" pid_timer="" pid_watch=""
     if [ "$SCPO_PLAN_ROLLOUT_NODES" -gt 0 ]; then
         srun --nodes="$SCPO_PLAN_ROLLOUT_NODES" --ntasks="$SCPO_PLAN_ROLLOUT_NODES" \

@@ -18,6 +18,8 @@ export SCPO_NODE
 scpo_env_presets
 node_dir="$SCPO_LOG_DIR/$SCPO_NODE"
 mkdir -p "$node_dir"
+# Everything this supervisor says goes to LOG_DIR/node-NAME.log and to srun's stdout (the job log).
+exec > >(tee -a "$SCPO_LOG_DIR/node-$SCPO_NODE.log") 2>&1
 
 lines="$("${SCPO_PYTHON:-python3}" -m megatron_scpo.launch_plan --emit-node-cmd --plan "$SCPO_PLAN" --node "$SCPO_NODE")" \
     || scpo_fail 2 "no plan for node $SCPO_NODE in $SCPO_PLAN"

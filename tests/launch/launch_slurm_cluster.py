@@ -3,6 +3,7 @@
 Loopback only (NoInAddrAny / NoCtldInAddrAny, NodeAddr=127.0.0.1), free ports picked at start, no cgroups
 (proctrack/linuxproc + task/none), its own munge key and socket: nothing outside ``root`` is touched, so
 it can run next to any other SLURM on the machine. ``stop()`` tears everything down by pid.
+cred_expire=10 (default 120) also shortens how long Slurm holds a requeued job before it may start again.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=10
 CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
