@@ -313,6 +313,9 @@ def make_plan(
                 url = f"http://{n.address}:{port}"
                 server_urls.append(url)
                 n.processes.append(Process(f"sglang-{s}", "service", argv, health_url=f"{url}/health"))
+        if sg.num_servers != len(server_urls):
+            notes.append(f"{len(server_urls)} SGLang servers (one per {sg.tp_size} GPU(s) of each server node); "
+                         f"rollout.sglang.num_servers={sg.num_servers} only applies when the engine launches its own")
         head = server_nodes[0]
         router_url = f"http://{head.address}:{sg.base_port}"
         head.processes.append(Process(
