@@ -177,10 +177,9 @@ class Pipeline:
         prime_optimizer_state(rt.policy)
         st = rt.ckpt.load(latest, load_model=rt.policy.load_checkpoint)
         rt.global_step = int(st.pop("global_step"))
-        rt.weight_version = int(st.get("weight_version", 0))
         self.state.update(st)
         rt.logger.truncate(int(st.get("metrics_records", 0)))
-        rt.sync_weights()
+        rt.sync_weights(version=int(st.get("weight_version", 0)))
         if rt.is_main:
             print(f"[resume] {latest.name}: done={self.state['done']} phase={self.state['phase']} "
                   f"rl_step={self.state['rl_step']} global_step={rt.global_step}", flush=True)

@@ -104,11 +104,14 @@ class Runtime:
         self.policy.micro_batch_size = mbs
         return self.policy.train_step(batch, loss=loss, loss_kwargs=loss_kwargs)
 
-    def sync_weights(self, check: bool | None = None) -> dict[str, float]:
-        """Trainer shards -> HF-named tensors -> rank 0's engine; then the post-sync log-prob check."""
+    def sync_weights(self, check: bool | None = None, version: int | None = None) -> dict[str, float]:
+        """Trainer shards -> HF-named tensors -> rank 0's engine; then the post-sync log-prob check.
+
+        ``version`` re-publishes a known version (resume); by default every sync is a new version.
+        """
         from megatron_scpo.convert.live import iter_hf_tensors
 
-        self.weight_version += 1
+        self.weight_version = self.weight_version + 1 if version is None else version
         stream = iter_hf_tensors(self.policy.modules(), self.hf_config)
         if self.is_main:
             self.engine.update_weights(stream, self.weight_version)

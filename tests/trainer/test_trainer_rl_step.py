@@ -12,7 +12,6 @@ import json
 import math
 
 import pytest
-
 from dist_utils import spawn
 
 METHODS = ["scpo", "grpo", "global_length_penalty", "calibration", "lapo_stage1", "lapo_stage2"]
