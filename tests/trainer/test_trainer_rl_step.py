@@ -63,6 +63,33 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
                 p.copy_(s)
         rt.policy.optimizer.reload_model_params()
         rt.sync_weights()
+    # A NaN loss (here: NaN logits injected in the training forward only) skips the step and is logged.
+    poison = {"on": False}
+
+    def nan_logits(_mod, _inp, out):
+        if not poison["on"]:
+            return out
+        logits, bias = out if isinstance(out, tuple) else (out, None)
+        logits = logits * float("nan")
+        return (logits, bias) if isinstance(out, tuple) else logits
+
+    handle = rt.policy.modules()[0].output_layer.register_forward_hook(nan_logits)
+    real_train_step = rt.policy.train_step
+
+    def poisoned_train_step(*a, **k):
+        poison["on"] = True
+        try:
+            return real_train_step(*a, **k)
+        finally:
+            poison["on"] = False
+
+    rt.policy.train_step = poisoned_train_step
+    m = rl_step(rt, build_method(algo_for(cfg, "grpo")), records, step=1, seed=78)
+    handle.remove()
+    rec = rt.logger.log("rl/grpo", 1, m)
+    moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(rt.policy.modules()[0].parameters(), start))
+    results["nan"] = {"skipped": m.get("nan_loss_skipped", 0.0), "moved": moved, "logged_loss": rec.get("loss", "x"),
+                      "nonfinite": rec.get("nonfinite_metrics", 0)}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -86,3 +113,7 @@ def test_rl_step_every_method_tp1_and_tp2(tmp_path):
             assert r1[k] == pytest.approx(r2[k], abs=1e-6), (name, k, r1[k], r2[k])
         assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-3, abs=1e-5), (name, r1["loss"], r2["loss"])
     assert res[1]["scpo"]["importance"] > 0  # SCPO scored the importance of its correct responses
+    for world in (1, 2):
+        nan = res[world]["nan"]
+        assert nan["skipped"] == 1.0 and nan["moved"] == 0.0, nan  # optimizer step skipped, weights untouched
+        assert nan["logged_loss"] is None and nan["nonfinite"] >= 1, nan  # logged as non-finite, not dropped
