@@ -49,11 +49,13 @@ def _mem_mb() -> int:
 
 
 class SlurmCluster:
-    """One node called ``localhost`` with ``cpus`` CPUs; partition ``debug``."""
+    """``nodes=1``: one node called ``localhost``. ``nodes>1``: emulated nodes ``node1..N``, each its own
+    slurmd on this host (own port, spool, log), all with NodeAddr 127.0.0.1. Partition ``debug``."""
 
-    def __init__(self, root: Path, cpus: int | None = None) -> None:
+    def __init__(self, root: Path, cpus: int | None = None, nodes: int = 1) -> None:
         self.root = Path(root)
         self.cpus = cpus or os.cpu_count() or 2
+        self.node_names = ["localhost"] if nodes == 1 else [f"node{i + 1}" for i in range(nodes)]
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.sock"
         self._munged_pid: int | None = None
@@ -75,8 +77,17 @@ class SlurmCluster:
             check=True, capture_output=True, timeout=30,
         )  # fmt: skip
         self._munged_pid = int((self.root / "munge" / "munged.pid").read_text())
-        ctld_port, d_port = free_ports(2)
+        ctld_port, *d_ports = free_ports(1 + len(self.node_names))
         r = self.root
+        mem = _mem_mb() // len(self.node_names)
+        host = socket.gethostname()
+        node_lines = "\n".join(
+            f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus} RealMemory={mem} State=UNKNOWN"
+            + ("" if n == "localhost" else f" NodeHostname={host}")
+            for n, p in zip(self.node_names, d_ports)
+        )
+        for n in self.node_names:
+            (r / "spool" / n).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(
             f"""ClusterName=scpotest
 SlurmctldHost=localhost(127.0.0.1)
@@ -87,13 +98,13 @@ CredType=cred/munge
 AuthInfo=socket={self.munge_socket},cred_expire=10
 CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
 SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
+SlurmdPort={d_ports[0]}
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/run/slurmctld.pid
-SlurmdPidFile={r}/run/slurmd.pid
+SlurmdPidFile={r}/run/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd-%n.log
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -108,17 +119,19 @@ ReturnToService=2
 MinJobAge=600
 KillWait=5
 InactiveLimit=0
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={_mem_mb()} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINITE State=UP
 """
         )
         subprocess.run([find_binary("slurmctld")], env=self.env, check=True, capture_output=True, timeout=30)
-        subprocess.run([find_binary("slurmd"), "-N", "localhost"], env=self.env, check=True, capture_output=True,
-                       timeout=30)  # fmt: skip
+        for n in self.node_names:
+            subprocess.run([find_binary("slurmd"), "-N", n], env=self.env, check=True, capture_output=True,
+                           timeout=30)  # fmt: skip
         deadline = time.monotonic() + timeout
+        state = ""
         while time.monotonic() < deadline:
-            state = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-            if state in ("idle", "mixed", "allocated"):
+            state = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if len(state) == len(self.node_names) and all(s in ("idle", "mixed", "allocated") for s in state):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"slurm node not idle after {timeout}s (state {state!r}); logs:\n{self.logs()}")
@@ -128,8 +141,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         if self.conf.exists():
             self.run("scancel", "--full", "--user=root", check=False)
             self.run("scontrol", "shutdown", check=False)
-        for pidfile in ("run/slurmd.pid", "run/slurmctld.pid"):
-            self._wait_or_kill(self.root / pidfile)
+        for n in self.node_names:
+            self._wait_or_kill(self.root / "run" / f"slurmd-{n}.pid")
+        self._wait_or_kill(self.root / "run" / "slurmctld.pid")
         if self._munged_pid:
             self._kill_pid(self._munged_pid)
             self._munged_pid = None

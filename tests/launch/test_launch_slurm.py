@@ -3,7 +3,8 @@
 (1) a bad config fails the job at the plan check (exit 2, before srun); (2) a job completes: one node
 supervisor, torchrun starts 2 ranks, metrics + checkpoints land in the run dir; (3) USR1 (what
 `--signal=B:USR1@180` sends before the time limit) stops the trainer, the job requeues itself and the next
-attempt resumes from the newest complete checkpoint: the step counter continues.
+attempt resumes from the newest complete checkpoint: the step counter continues; (4) on 2 emulated nodes
+each node runs its own supervisor and torchrun node rank.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ TINY = [
 pytestmark = [pytest.mark.slow]
 
 
-def submit(cluster: SlurmCluster, tmp_path: Path, *overrides: str, config: str = "configs/tiny_cpu.yaml") -> int:
-    env = {"SCPO_CPU": "1", "SCPO_CONFIG": config, "SCPO_RUN_DIR": str(tmp_path / "run"),
+def submit(cluster: SlurmCluster, tmp_path: Path, *overrides: str, nodes: int = 1, procs: int = 2) -> int:
+    env = {"SCPO_CPU": "1", "SCPO_CONFIG": "configs/tiny_cpu.yaml", "SCPO_RUN_DIR": str(tmp_path / "run"),
            "SCPO_HOME": str(REPO), "SCPO_PYTHON": sys.executable, "SCPO_MASTER_PORT": str(free_ports(1)[0]),
-           "SCPO_GPUS_PER_NODE": "2", "OMP_NUM_THREADS": "1", "SCPO_STOP_GRACE": "20"}  # fmt: skip
-    # the script asks for 2 nodes x 8 GPUs: the command line shrinks it to this 1-node, GPU-less cluster
+           "SCPO_GPUS_PER_NODE": str(procs), "OMP_NUM_THREADS": "1", "SCPO_STOP_GRACE": "20"}  # fmt: skip
+    # the script asks for 2 nodes x 8 GPUs: the command line shrinks it to this GPU-less test cluster
     return cluster.sbatch(SCRIPT, *overrides, env=env, cwd=REPO, sbatch_args=(
-        "--nodes=1", "--gpus-per-node=0", "--time=15", "--job-name=scpo-test", f"--output={tmp_path}/slurm-%j.out"))
+        f"--nodes={nodes}", "--gpus-per-node=0", "--time=15", "--job-name=scpo-test",
+        f"--output={tmp_path}/slurm-%j.out"))  # fmt: skip
 
 
 def job_output(tmp_path: Path, job: int) -> str:
@@ -108,3 +110,23 @@ def test_slurm_usr1_requeues_and_resumes_from_checkpoint(slurm_cluster: SlurmClu
     # the step counter continued: every RL step logged exactly once, in order, across both attempts
     assert rl_steps(tmp_path / "run") == list(range(1, steps + 1))
     assert (ckpts / "latest").read_text().strip() == "rl_grpo"
+
+
+def test_slurm_two_node_job_runs_one_supervisor_and_one_node_rank_per_node(
+    slurm_cluster_2nodes: SlurmCluster, tmp_path: Path
+) -> None:
+    """2 emulated nodes x 1 CPU rank: node discovery (scontrol hostnames + NodeAddr), node ranks, gloo DP=2."""
+    cluster = slurm_cluster_2nodes
+    job = submit(cluster, tmp_path, *TINY, "rl.steps=1", "checkpoint.interval=1", nodes=2, procs=1)
+    info = cluster.wait_job(job, timeout=400)
+    out = job_output(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", out + cluster.logs()
+    logs = tmp_path / "run" / "logs" / f"job-{job}-r0"
+    plan = json.loads((logs / "plan.json").read_text())
+    assert [n["name"] for n in plan["node_plans"]] == ["node1", "node2"]
+    assert plan["master_addr"] == "127.0.0.1" and (plan["world_size"], plan["dp"]) == (2, 2)
+    for i, name in enumerate(("node1", "node2")):
+        node_log = (logs / f"node-{name}.log").read_text()  # this node's supervisor ran there, by SLURM name
+        assert f"--nnodes=2 --nproc-per-node=1 --node-rank={i}" in node_log and "node done" in node_log
+        assert [p.name for p in logs.glob(f"ranks/{name}/*/attempt_0/*")] == ["0"]
+    assert rl_steps(tmp_path / "run") == [1]
