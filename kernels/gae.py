@@ -55,78 +55,68 @@ def discounted_suffix_sum(d: torch.Tensor, g: float, block: int = _SCAN_BLOCK) -
     return out.reshape(r, nb * block)[:, :s]
 
 
-def _next_valid(valid: torch.Tensor) -> torch.Tensor:
-    """Index of the next valid token strictly after t (T if none)."""
-    bsz, t = valid.shape
-    idx = torch.arange(t, device=valid.device).expand(bsz, t)
-    cand = torch.where(valid, idx, t)
-    incl = cand.flip(1).cummin(1).values.flip(1)  # min over s >= t
-    return torch.cat([incl[:, 1:], torch.full((bsz, 1), t, device=valid.device, dtype=incl.dtype)], 1)
+def _prepare(rewards, valid, step_ids, boundaries, seq_ends, values, gamma, dtype):
+    """Compact the valid tokens (row-major) and reduce them to steps.
 
-
-def _prepare(rewards, valid, step_ids, boundaries, seq_ends, values, gamma, lam, dtype):
-    """Per-token (a, b) of the recurrence, step-end flags, each token's step index and step-start value.
-
-    Written with full-size gathers only (no boolean-mask indexing): this is the CPU hot path.
+    Returns (vi: flat positions of valid tokens, k: step index of each valid token, end_pos: flat
+    positions of step ends, delta/has_next/v_first per step). Every op is O(#valid tokens) with
+    no Python loop: this is the CPU hot path.
     """
     bsz, t = valid.shape
-    dev = valid.device
-    token_level = step_ids is None and boundaries is None
-    nxt = _next_valid(valid)
-    nxt_c = nxt.clamp(max=t - 1)
-    has_next = nxt < t
-    if seq_ends is not None:
-        cs = seq_ends.long().cumsum(1)
-        crossing = cs.gather(1, (nxt - 1).clamp(max=t - 1)) - (cs - seq_ends.long()) > 0  # a flag in [t, nxt)
-        has_next &= ~crossing
-    if token_level:
-        end = valid
+    vi = valid.reshape(-1).nonzero().squeeze(1)
+    n = vi.numel()
+    dev = vi.device
+    row = torch.div(vi, t, rounding_mode="floor")
+    has_next = torch.zeros(n, dtype=torch.bool, device=dev)
+    has_next[:-1] = row[1:] == row[:-1]
+    if seq_ends is not None:  # a sequence end anywhere in [this token, next valid token) cuts the chain
+        cs = seq_ends.reshape(-1).long().cumsum(0)
+        before = cs.index_select(0, vi) - seq_ends.reshape(-1).long().index_select(0, vi)
+        has_next[:-1] &= cs.index_select(0, vi[1:] - 1) == before[:-1]
+    if step_ids is None and boundaries is None:
+        end = torch.ones(n, dtype=torch.bool, device=dev)
+        k = torch.arange(n, device=dev)
+        delta = rewards.reshape(-1).index_select(0, vi).to(dtype)
     else:
-        split = step_ids.gather(1, nxt_c) != step_ids if step_ids is not None else boundaries.bool()
-        end = valid & (split | ~has_next)
-    flat_end = end.reshape(-1)
-    k_excl = flat_end.cumsum(0) - flat_end.long()  # step index (row-major) of every valid token
-    rv = torch.where(valid, rewards, 0.0).to(dtype)
-    if token_level:
-        delta = rv
-    else:  # step reward = sum over the step's valid tokens, landed on the step's end token
-        n_steps = int(k_excl[-1]) + int(flat_end[-1])
-        r_step = torch.zeros(n_steps + 1, device=dev, dtype=dtype).index_add_(0, k_excl, rv.reshape(-1))
-        delta = torch.where(end, r_step.index_select(0, k_excl).view(bsz, t), 0.0)
+        if step_ids is not None:
+            sid = step_ids.reshape(-1).index_select(0, vi)
+            end = torch.ones(n, dtype=torch.bool, device=dev)
+            end[:-1] = sid[1:] != sid[:-1]
+        else:
+            end = boundaries.reshape(-1).index_select(0, vi).bool()
+        end |= ~has_next
+        k = end.cumsum(0) - end.long()
+        n_steps = int(k[-1]) + 1
+        delta = torch.zeros(n_steps, device=dev, dtype=dtype).index_add_(
+            0, k, rewards.reshape(-1).index_select(0, vi).to(dtype)
+        )
+    end_at = end.nonzero().squeeze(1)
+    has_next_step = has_next.index_select(0, end_at)
     v_first = None
     if values is not None:
-        v = values.to(dtype)
-        if token_level:
-            v_first = v
-        else:
-            idx = torch.arange(t, device=dev).expand(bsz, t)
-            prv = torch.where(valid, idx, -1).cummax(1).values
-            prv = torch.cat([torch.full((bsz, 1), -1, device=dev, dtype=prv.dtype), prv[:, :-1]], 1)
-            start = valid & ((prv < 0) | end.gather(1, prv.clamp(min=0)))
-            st = torch.where(start, idx, -1).cummax(1).values.clamp(min=0)  # start token of each token's step
-            v_first = v.gather(1, st)
-        v_next = torch.where(has_next, v.gather(1, nxt_c), 0.0)
-        delta = delta + torch.where(end, gamma * v_next - v_first, 0.0)
-    coef = torch.where(end & has_next, gamma * lam, torch.where(end, 0.0, 1.0)).to(dtype)
-    return coef, delta, end, k_excl, v_first
+        vv = values.reshape(-1).index_select(0, vi).to(dtype)
+        start = torch.ones(n, dtype=torch.bool, device=dev)
+        start[1:] = end[:-1]
+        v_first = vv[start]
+        v_next = torch.zeros_like(v_first)
+        v_next[:-1] = v_first[1:]
+        delta = delta + torch.where(has_next_step, gamma * v_next, 0.0) - v_first
+    return vi, k, vi.index_select(0, end_at), delta, has_next_step, v_first
 
 
-def _torch_scan(coef, delta, end, k_excl, gl):
-    """Compact steps into [segments, steps-per-segment], run the constant-coefficient suffix sum."""
-    bsz, t = delta.shape
-    at = end.reshape(-1).nonzero().squeeze(1)
-    d_steps = delta.reshape(-1).index_select(0, at)
-    n = d_steps.numel()
-    last = coef.reshape(-1).index_select(0, at) == 0  # a sequence ends after this step
+def _segmented_discount(delta: torch.Tensor, has_next: torch.Tensor, gl: float) -> torch.Tensor:
+    """Per-step A_j = delta_j + gl * A_(j+1) within chains (a chain ends where has_next is False)."""
+    n = delta.numel()
+    last = ~has_next
     seg = last.cumsum(0) - last.long()
     k = torch.arange(n, device=delta.device)
-    seg_start = torch.cat([torch.ones(1, dtype=torch.bool, device=delta.device), last[:-1]])
+    seg_start = torch.ones_like(last)
+    seg_start[1:] = last[:-1]
     pos = k - torch.where(seg_start, k, 0).cummax(0).values
     n_seg, s_max = int(seg[-1]) + 1, int(pos.max()) + 1
     flat = seg * s_max + pos
-    dense = torch.zeros(n_seg * s_max, device=delta.device, dtype=delta.dtype).index_copy_(0, flat, d_steps)
-    a_steps = discounted_suffix_sum(dense.view(n_seg, s_max), gl).reshape(-1).index_select(0, flat)
-    return a_steps.index_select(0, k_excl.clamp(max=n - 1)).view(bsz, t)
+    dense = torch.zeros(n_seg * s_max, device=delta.device, dtype=delta.dtype).index_copy_(0, flat, delta)
+    return discounted_suffix_sum(dense.view(n_seg, s_max), gl).reshape(-1).index_select(0, flat)
 
 
 def segmented_gae(
@@ -178,18 +168,27 @@ def segmented_gae(
     if which == "triton" and (block_t <= 0 or block_t & (block_t - 1)):
         raise ValueError(f"block_t must be a power of 2, got {block_t}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    coef, delta, end, k_excl, v_first = _prepare(
-        rewards, valid, step_ids, boundaries, seq_ends, values, float(gamma), float(lam), dtype
+    adv = torch.zeros(shape, device=rewards.device, dtype=dtype)
+    if not bool(valid.any()):
+        return adv, adv.clone()
+    gl = float(gamma) * float(lam)
+    vi, k, end_pos, delta, has_next, v_first = _prepare(
+        rewards, valid, step_ids, boundaries, seq_ends, values, float(gamma), dtype
     )
-    if not bool(end.any()):
-        adv = torch.zeros(shape, device=rewards.device, dtype=dtype)
-    elif which == "triton":
+    if which == "triton":
         from . import _triton_gae as tg
 
         count_launch("gae_scan")
-        adv = tg.reverse_scan(coef.float().contiguous(), delta.float().contiguous(), block_t).to(dtype)
+        coef = torch.ones(rewards.numel(), device=rewards.device)
+        coef[end_pos] = torch.where(has_next, gl, 0.0).float()
+        b = torch.zeros(rewards.numel(), device=rewards.device)
+        b[end_pos] = delta.float()
+        a_tok = tg.reverse_scan(coef.view(shape), b.view(shape), block_t).reshape(-1).index_select(0, vi).to(dtype)
     else:
-        adv = _torch_scan(coef, delta, end, k_excl, float(gamma) * float(lam))
-    adv = torch.where(valid, adv, 0.0)
-    ret = adv if v_first is None else torch.where(valid, adv + v_first, 0.0)
+        a_tok = _segmented_discount(delta, has_next, gl).index_select(0, k)
+    adv.view(-1).index_copy_(0, vi, a_tok)
+    if v_first is None:
+        return adv, adv.clone()
+    ret = torch.zeros_like(adv)
+    ret.view(-1).index_copy_(0, vi, a_tok + v_first.index_select(0, k))
     return adv, ret

@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from ._dispatch import Impl, check_contiguous, check_float, check_same_device, count_launch, resolve_impl
 
-#: Elements per fp32 tile of the torch path (32 MiB): bounds the extra memory to a few tiles.
-TILE_ELEMS = 1 << 23
+#: Elements per fp32 tile of the torch path (1 MiB, cache-resident): extra memory is a few tiles.
+TILE_ELEMS = 1 << 18
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,15 +75,29 @@ def _tp_info(group) -> tuple[int, int]:
 # torch path (CPU production path): tiled over rows and vocab, fp32 math
 # ----------------------------------------------------------------------------------------------------
 def _tile_update(z: torch.Tensor, m, s, t, with_entropy: bool):
-    """Online-logsumexp update of (m, s, t) [R] with one fp32 tile z [R, C]."""
+    """Online-logsumexp update of (m, s, t) [R] with one fp32 tile z [R, C] (z is consumed in place)."""
     m_new = torch.maximum(m, z.amax(1))
     shift = _safe_max(m_new)
     scale = torch.exp(m - shift)
-    e = torch.exp(z - shift[:, None])
-    s = s * scale + e.sum(1)
+    z.sub_(shift[:, None])  # y = z - shift
     if with_entropy:
-        t = t * scale + (e * torch.where(torch.isneginf(z), 0.0, z)).sum(1)  # no 0 * (-inf)
-    return m_new, s, t
+        z.clamp_(min=-1e30)  # y = -inf (logit -inf) would give 0 * inf below
+        e = torch.exp(z)
+        s_tile = e.sum(1)
+        t_tile = e.mul_(z).sum(1) + shift * s_tile  # sum e^y * z = sum e^y * y + shift * sum e^y
+        t = t * scale + t_tile
+    else:
+        s_tile = z.exp_().sum(1)
+    return m_new, s * scale + s_tile, t
+
+
+def _load_tile(buf: torch.Tensor, x: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """fp32 copy of a logits tile into a reused buffer (no fresh pages per tile), scaled by 1/T."""
+    z = buf[: x.numel()].view(x.shape)
+    z.copy_(x)
+    if inv_temp != 1.0:
+        z.mul_(inv_temp)
+    return z
 
 
 def _torch_partials(x, targets, vocab_start, inv_temp, with_entropy, chunk):
@@ -92,13 +106,14 @@ def _torch_partials(x, targets, vocab_start, inv_temp, with_entropy, chunk):
     m = torch.full((n,), -math.inf, device=dev)
     s = torch.zeros(n, device=dev)
     t = torch.zeros(n, device=dev)
+    chunk = min(chunk, v)
     rb = _row_block(chunk)
+    buf = torch.empty(min(n, rb) * chunk, device=dev)
     for r0 in range(0, n, rb):
         r1 = min(n, r0 + rb)
         mr, sr, tr = m[r0:r1], s[r0:r1], t[r0:r1]
         for v0 in range(0, v, chunk):
-            z = x[r0:r1, v0:v0 + chunk].float()
-            z = z * inv_temp if inv_temp != 1.0 else z
+            z = _load_tile(buf, x[r0:r1, v0:v0 + chunk], inv_temp)
             mr, sr, tr = _tile_update(z, mr, sr, tr, with_entropy)
         m[r0:r1], s[r0:r1], t[r0:r1] = mr, sr, tr
     loc = targets - vocab_start
@@ -108,28 +123,34 @@ def _torch_partials(x, targets, vocab_start, inv_temp, with_entropy, chunk):
 
 
 def _torch_backward(x, grad, targets, lse, ent, g_lp, g_ent, vocab_start, inv_temp, chunk):
+    """grad = [g_lp*(onehot - p) - g_ent*p*(log p + H)] / T per tile, fp32 math, one cast at the store."""
     n, v = x.shape
     loc = targets - vocab_start
+    chunk = min(chunk, v)
     rb = _row_block(chunk)
+    buf = torch.empty(min(n, rb) * chunk, device=x.device)
+    buf2 = torch.empty_like(buf) if g_ent is not None else None
     for r0 in range(0, n, rb):
         r1 = min(n, r0 + rb)
         lse_r, glp_r = lse[r0:r1, None], g_lp[r0:r1, None]
+        if g_ent is not None:
+            gent_r = g_ent[r0:r1, None]
+            const_r = glp_r + gent_r * ent[r0:r1, None]
         loc_r = loc[r0:r1]
         for v0 in range(0, v, chunk):
             v1 = min(v, v0 + chunk)
-            z = x[r0:r1, v0:v1].float()
-            z = z * inv_temp if inv_temp != 1.0 else z
-            logp = z - lse_r
-            p = torch.exp(logp)
-            g = p * glp_r
-            g.neg_()
-            if g_ent is not None:
-                g -= p * torch.where(p > 0, logp, 0.0).add_(ent[r0:r1, None]) * g_ent[r0:r1, None]
+            g = _load_tile(buf, x[r0:r1, v0:v1], inv_temp).sub_(lse_r)  # log p
+            if g_ent is None:
+                g.exp_().mul_(-glp_r)
+            else:
+                p = torch.exp(g, out=buf2[: g.numel()].view(g.shape))
+                g.clamp_(min=-1e30)  # log p = -inf where p = 0: avoid 0 * inf
+                g.mul_(gent_r).add_(const_r).mul_(p).neg_()  # -p * (g_lp + g_ent * (log p + H))
             rows = ((loc_r >= v0) & (loc_r < v1)).nonzero().squeeze(1)
             if rows.numel():
                 g[rows, loc_r[rows] - v0] += glp_r[rows, 0]
             if inv_temp != 1.0:
-                g *= inv_temp
+                g.mul_(inv_temp)
             grad[r0:r1, v0:v1] = g  # casts to the logits dtype once, after fp32 math
 
 
@@ -276,9 +297,9 @@ class _LinearLogProbs(torch.autograd.Function):
             z = (hidden @ weight[v0:v1].T).float()
             if inv_temp != 1.0:
                 z *= inv_temp
-            m, s, t = _tile_update(z, m, s, t, with_entropy)
             rows = ((loc >= v0) & (loc < v1)).nonzero().squeeze(1)
             xt[rows] = z[rows, loc[rows] - v0]
+            m, s, t = _tile_update(z, m, s, t, with_entropy)  # consumes z
         if group is not None:
             m, s, t, xt = _tp_combine(m, s, t, xt, group)
         lse, logp, ent = _finish(m, s, t, xt, targets == ignore_index, with_entropy)
