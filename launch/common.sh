@@ -140,6 +140,27 @@ scpo_make_plan() {  # args: config overrides
     source "${SCPO_PLAN%.json}.env"
 }
 
+# wait for any of PIDS; sets SCPO_DONE_PID (empty when a trapped signal interrupted the wait) and returns its
+# exit code. bash >= 5.1 has `wait -n -p`; older bash (RHEL 8 ships 4.4) finds the reaped pid by probing
+# (SCPO_WAIT_COMPAT=1 forces that path, for tests).
+scpo_wait_any() {
+    local rc pid
+    SCPO_DONE_PID=""
+    if [ "${SCPO_WAIT_COMPAT:-0}" != 1 ] && ((BASH_VERSINFO[0] > 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] >= 1))); then
+        wait -n -p SCPO_DONE_PID "$@"
+        return $?
+    fi
+    wait -n "$@"
+    rc=$?
+    for pid in "$@"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            SCPO_DONE_PID=$pid
+            break
+        fi
+    done
+    return "$rc"
+}
+
 # Stop a background job given by pid: TERM, up to GRACE seconds, then KILL.
 scpo_stop_pid() {  # pid grace
     local pid=$1 grace=${2:-30} i
@@ -183,6 +204,7 @@ scpo_tail_logs() {  # show the end of every process log of this attempt (failure
 # The batch script body: plan, start one node supervisor per node, fail fast, requeue on USR1.
 scpo_job_main() {  # args: config overrides (key.path=value)
     set -uo pipefail
+    if [ "${SCPO_TRACE:-0}" = 1 ]; then set -x; fi
     scpo_resolve
     scpo_env_presets
     scpo_log "job ${SLURM_JOB_ID:-local} attempt ${SLURM_RESTART_COUNT:-0}: config=$SCPO_CONFIG run_dir=$SCPO_RUN_DIR"
@@ -232,9 +254,9 @@ scpo_job_main() {  # args: config overrides (key.path=value)
     local done_pid rc all
     while true; do
         all=("$pid_train" $pid_rollout $pid_timer $pid_watch)
-        done_pid=""
-        wait -n -p done_pid "${all[@]}"
+        scpo_wait_any "${all[@]}"
         rc=$?
+        done_pid=${SCPO_DONE_PID:-}  # wait -n -p unsets it when a signal interrupts the wait
         if [ "$SCPO_PREEMPT" != 0 ]; then
             scpo_preempt "$pid_train" "$pid_rollout"
             rc=$?
@@ -270,7 +292,15 @@ scpo_preempt() {  # pid_train pid_rollout
     [ "$SCPO_PREEMPT" = 2 ] && why="TERM"
     scpo_log "$why: asking the trainer to stop (grace ${grace}s)"
     touch "$SCPO_STOP_FILE"
-    scpo_stop_pid "$pid_train" "$grace"
+    # SIGTERM to the steps' tasks (node.sh stops its process groups in order) without cancelling the steps:
+    # TERM to srun itself would cancel the step and SIGKILL after the cluster's KillWait.
+    if [ -n "${SLURM_JOB_ID:-}" ]; then scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null; fi
+    local i
+    for ((i = 0; i < grace * 2; i++)); do
+        kill -0 "$pid_train" 2>/dev/null || break
+        sleep 0.5
+    done
+    scpo_stop_pid "$pid_train" 10
     [ -n "$pid_rollout" ] && scpo_stop_pid "$pid_rollout" 30
     # Only USR1 requeues: a plain TERM is scancel (or Slurm's own preemption, which requeues by itself).
     if [ "$SCPO_PREEMPT" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ] && [ "${SCPO_REQUEUE:-1}" = "1" ]; then

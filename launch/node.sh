@@ -19,7 +19,8 @@ scpo_env_presets
 node_dir="$SCPO_LOG_DIR/$SCPO_NODE"
 mkdir -p "$node_dir"
 # Everything this supervisor says goes to LOG_DIR/node-NAME.log and to srun's stdout (the job log).
-exec > >(tee -a "$SCPO_LOG_DIR/node-$SCPO_NODE.log") 2>&1
+# tee ignores TERM/INT so the supervisor can still report while it stops everything.
+exec > >(trap '' TERM INT; exec tee -a "$SCPO_LOG_DIR/node-$SCPO_NODE.log") 2>&1
 
 lines="$("${SCPO_PYTHON:-python3}" -m megatron_scpo.launch_plan --emit-node-cmd --plan "$SCPO_PLAN" --node "$SCPO_NODE")" \
     || scpo_fail 2 "no plan for node $SCPO_NODE in $SCPO_PLAN"
@@ -103,9 +104,9 @@ for entry in "${pending_mains[@]}"; do start_proc main "${entry%%$'\t'*}" "${ent
 # Supervise: a main exiting 0 is done; anything else exiting ends the node with an error.
 remaining=${#mains[@]}
 while true; do
-    done_pid=""
-    wait -n -p done_pid "${pids[@]}"
+    scpo_wait_any "${pids[@]}"
     rc=$?
+    done_pid=${SCPO_DONE_PID:-}
     [ -n "$done_pid" ] || continue
     name=${name_of[$done_pid]}
     new=()

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from launch_slurm_cluster import free_ports
 
 from megatron_scpo.launch_plan import LaunchPlan, NodePlan, Process
@@ -79,14 +80,14 @@ class Node:
         self.logs.mkdir()
         (tmp / "plan.json").write_text(plan.to_json())
 
-    def start(self, health_timeout: int = 60) -> subprocess.Popen:
+    def start(self, health_timeout: int = 60, compat_wait: bool = False) -> subprocess.Popen:
         env = {**os.environ, "SCPO_PLAN": str(self.tmp / "plan.json"), "SCPO_LOG_DIR": str(self.logs),
                "SCPO_NODE": "n0", "SCPO_PYTHON": sys.executable, "SCPO_CPU": "1", "SCPO_NODE_GRACE": "5",
-               "SCPO_HEALTH_TIMEOUT": str(health_timeout)}  # fmt: skip
+               "SCPO_HEALTH_TIMEOUT": str(health_timeout), "SCPO_WAIT_COMPAT": "1" if compat_wait else "0"}  # fmt: skip
         return subprocess.Popen(["bash", str(NODE_SH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)  # fmt: skip
 
-    def run(self, **kw: int) -> tuple[int, str]:
+    def run(self, **kw: int | bool) -> tuple[int, str]:
         p = self.start(**kw)
         try:
             out, _ = p.communicate(timeout=90)
@@ -110,17 +111,19 @@ def test_node_starts_main_after_health_and_stops_services_when_done(tmp_path: Pa
     assert "env SCPO_TEST_VAR=1" in out  # the exact command line is logged
 
 
-def test_node_fails_with_the_trainer_exit_code_and_stops_services(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compat_wait", [False, True], ids=["wait-n-p", "bash<5.1"])
+def test_node_fails_with_the_trainer_exit_code_and_stops_services(tmp_path: Path, compat_wait: bool) -> None:
     node = Node(tmp_path, main_rc=3)
-    rc, out = node.run()
+    rc, out = node.run(compat_wait=compat_wait)
     assert rc == 3, out
     assert "ERROR: trainer exited with code 3" in out and "main exits 3" in out  # log tail shown
     assert not alive(node.svc_pid)
 
 
-def test_node_fails_fast_when_a_service_dies_mid_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compat_wait", [False, True], ids=["wait-n-p", "bash<5.1"])
+def test_node_fails_fast_when_a_service_dies_mid_run(tmp_path: Path, compat_wait: bool) -> None:
     node = Node(tmp_path, die_after=1.5, main_sleep=120)
-    rc, out = node.run()
+    rc, out = node.run(compat_wait=compat_wait)
     assert rc == 1, out
     assert "ERROR: service svc exited (code 1) while the job runs" in out and "crash" in out
     assert not alive(node.main_pid)  # the long-running main was stopped, not waited for
