@@ -50,6 +50,9 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError("the train split is empty")
     for m in methods_of(cfg):
         build_method(algo_for(cfg, m))
+    if cfg.algo.loss.kl_coef > 0:
+        raise ConfigError("algo.loss.kl_coef > 0 needs a reference-policy log-prob pass, which the trainer does not "
+                          "run yet; set algo.loss.kl_coef: 0")
     if (cfg.warmstart.enabled) and cfg.data.source != "synthetic":
         raise ConfigError("warmstart.enabled needs data.source: synthetic (it trains on the task's verbose traces)")
     if cfg.model.hf_path is None and cfg.data.source != "synthetic":

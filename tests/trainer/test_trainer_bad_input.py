@@ -1,0 +1,98 @@
+"""Bad input gives one clear error before any training starts (and before Megatron is imported)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_scpo.config import load_config
+from megatron_scpo.trainer.run import main
+
+BASE = "name: bad\nrl: {steps: 1}\neval: {enabled: false}\nlogging: {tensorboard: false}\n"
+
+
+def _run(tmp_path: Path, text: str, capsys, extra: list[str] = ()) -> str:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text)
+    had_megatron = "megatron.core.parallel_state" in sys.modules
+    rc = main([str(cfg), "--run-dir", str(tmp_path / "run"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("error:") == 1, err
+    assert had_megatron or "megatron.core.parallel_state" not in sys.modules  # failed before Megatron
+    assert not (tmp_path / "run").exists()  # nothing was started
+    return err
+
+
+def _file_cfg(tmp_path: Path, lines: list[str]) -> str:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(line + "\n" for line in lines))
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    return BASE + f"data: {{source: file, train_path: {data}}}\nmodel: {{hf_path: {model}}}\n"
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
+    text = _file_cfg(tmp_path, ['{"problem": "1+1", "answer": "2"}', '{"problem": "2+2", "answer": 4', ""])
+    err = _run(tmp_path, text, capsys)
+    assert "train.jsonl:2:" in err
+
+
+def test_missing_answer_field_names_file_and_line(tmp_path, capsys):
+    text = _file_cfg(tmp_path, ['{"problem": "1+1", "answer": "2"}', '{"problem": "2+2"}'])
+    err = _run(tmp_path, text, capsys)
+    assert "train.jsonl:2:" in err and "answer" in err
+
+
+def test_unknown_method(tmp_path, capsys):
+    err = _run(tmp_path, BASE + "algo: {method: ppo}\n", capsys)
+    assert "algo.method: 'ppo' is not allowed" in err
+    err = _run(tmp_path, BASE + "compare: {methods: [scpo, dpo]}\n", capsys)
+    assert "compare.methods[1]: 'dpo' is not allowed" in err
+
+
+def test_config_typo_and_bad_override(tmp_path, capsys):
+    err = _run(tmp_path, BASE.replace("steps: 1", "stepz: 1"), capsys)
+    assert "unknown key rl.stepz" in err and "cfg.yaml" in err
+    err = _run(tmp_path, BASE, capsys, extra=["warmstart.lr=fast"])
+    assert "warmstart.lr: expected a number" in err
+
+
+def test_unsupported_combinations(tmp_path, capsys):
+    err = _run(tmp_path, BASE + "algo: {loss: {kl_coef: 0.001}}\n", capsys)
+    assert "kl_coef" in err
+    err = _run(tmp_path, BASE + "eval: {enabled: true, n_samples: 2, pass_k: [1, 4]}\n", capsys)
+    assert "pass_k values [4]" in err
+
+
+def test_every_config_in_configs_dir_loads():
+    root = Path(__file__).resolve().parents[2] / "configs"
+    paths = sorted(root.glob("*.yaml"))
+    assert {p.name for p in paths} >= {"tiny_cpu.yaml", "compare_cpu.yaml", "qwen3_4b_scpo.yaml",
+                                       "r1_distill_1p5b_scpo.yaml", "r1_distill_1p5b_lapo.yaml",
+                                       "r1_distill_1p5b_calibration.yaml"}
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg.name == p.stem
+    tiny = load_config(root / "tiny_cpu.yaml")
+    assert tiny.warmstart.enabled and tiny.stage1.enabled and tiny.rl.enabled
+    assert tiny.compare.methods == ["scpo", "global_length_penalty"] and tiny.rollout.engine == "local"
+    calib = load_config(root / "r1_distill_1p5b_calibration.yaml")  # papers.md 3.4
+    assert (calib.rollout.n_samples, calib.rl.prompts_per_step, calib.rl.mini_batches, calib.optim.lr,
+            calib.rollout.temperature, calib.rollout.max_new_tokens, calib.rl.steps) == (8, 64, 4, 1e-6, 0.6, 8000, 150)
+    lapo = load_config(root / "r1_distill_1p5b_lapo.yaml")  # papers.md 2.5
+    assert (lapo.algo.lapo.alpha, lapo.algo.lapo.beta, lapo.algo.lapo.sigma, lapo.rl.prompts_per_step,
+            lapo.rollout.temperature) == (0.7, 0.8, 120.0, 128, 1.0)
+    assert lapo.compare.methods == ["lapo_stage1", "lapo_stage2"] and lapo.compare.mode == "sequential"
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "compare_cpu"])
+def test_cpu_configs_pass_preflight(name):
+    from megatron_scpo.trainer.run import preflight
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml")
+    data = preflight(cfg)
+    assert len(data["train"]) == cfg.data.synthetic.n_train and len(data["eval"]) >= cfg.eval.n_prompts
