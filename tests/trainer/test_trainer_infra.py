@@ -117,3 +117,45 @@ def test_aggregate_and_report(tmp_path):
     # tokens halve (-50%), accuracy 0.5 -> 1.0: AE = 0.5 + 3 * 1.0 = 3.5; redundant 6 -> 1 removes 83.3%
     assert "-50.0%" in rows[0] and "3.50" in rows[0] and "83.3%" in rows[0] and "100.0%" in rows[0]
     assert (run / "report.png").stat().st_size > 1000
+
+
+def test_rejection_selection_rules():
+    from megatron_scpo.trainer.sft import select_rejection_samples
+
+    p = [1]
+    groups = [
+        [(p, [1, 2, 3, 4], True), (p, [1, 2], True), (p, [9], False), (p, [1, 2, 3], True), (p, [5, 6], True)],
+        [(p, [1], False)],  # unsolved: nothing kept
+        [(p, [7, 7], True), (p, [8, 8], True)],  # equal lengths: below_median keeps the first shortest
+    ]
+    assert select_rejection_samples(groups, "shortest") == [(p, [1, 2]), (p, [7, 7])]
+    # correct lengths 4, 2, 3, 2 -> median 2.5 -> both length-2 responses
+    assert select_rejection_samples(groups, "below_median") == [(p, [1, 2]), (p, [5, 6]), (p, [7, 7])]
+    with pytest.raises(ValueError):
+        select_rejection_samples(groups, "longest")
+
+
+def test_pack_scatter_gather_roundtrip():
+    from megatron_scpo.trainer.batching import pack, pad_response_tensors
+
+    b = pack([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 4, 5, 6], [3, 7, 0, 0, 0]]
+    assert b.loss_mask.tolist() == [[False, False, True, True, True], [False, True, False, False, False]]
+    per_tok = pad_response_tensors([[0.1, 0.2, 0.3], [0.4]])
+    seq = b.scatter(per_tok)
+    assert seq[0, 2:].tolist() == pytest.approx([0.1, 0.2, 0.3]) and seq[1, 1].item() == pytest.approx(0.4)
+    assert torch.equal(b.gather(seq), per_tok)
+    sub = b.select([1])
+    assert sub.input_ids.tolist() == [[3, 7]] and sub.response_lens == [1]
+
+
+def test_token_offsets_cover_generated_text():
+    from megatron_scpo.data.tokenizer import build_tokenizer
+    from megatron_scpo.trainer.rl import token_offsets
+
+    tok = build_tokenizer()
+    text = "\n3 + 4 = 7\n\nWait, let me check.\n</think>\n\\boxed{7}"
+    ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    offs = token_offsets(tok, ids, text)
+    assert len(offs) == len(ids) and offs[-1][0] == offs[-1][1] == len(text)  # EOS: empty span at the end
+    assert "".join(text[s:e] for s, e in offs) == text
