@@ -89,7 +89,8 @@ if [ ${#urls[@]} -gt 0 ]; then
     limit=${SCPO_HEALTH_TIMEOUT:-900}
     start=$(date +%s)
     scpo_log "waiting for ${#urls[@]} endpoint(s) to be healthy (limit ${limit}s): ${urls[*]}"
-    until "${SCPO_PYTHON:-python3}" -m megatron_scpo.launch_plan --wait-healthy "${urls[@]}" --timeout 10 2>/dev/null; do
+    probe=$((limit < 10 ? limit : 10))
+    until "${SCPO_PYTHON:-python3}" -m megatron_scpo.launch_plan --wait-healthy "${urls[@]}" --timeout "$probe" 2>/dev/null; do
         for pid in "${pids[@]}"; do
             kill -0 "$pid" 2>/dev/null || fail 1 "${name_of[$pid]} died during start-up" "$node_dir/${name_of[$pid]}.log"
         done

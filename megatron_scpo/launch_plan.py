@@ -23,9 +23,12 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from megatron_scpo.configlib import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_scpo.config import ExperimentConfig
 
 DEFAULT_MASTER_PORT = 29500  # torch.distributed store; the weight-sync group (disaggregated) uses +1
 # Ports from rollout.sglang.base_port (B): router on B, server i of a node on B + 10*(i+1), its NCCL port +1.
@@ -205,8 +208,102 @@ def check_parallel_fit(tp: int, pp: int, train_nodes: int, gpus_per_node: int, u
     return world // (tp * pp)
 
 
-def _override_value(overrides: list[str], key: str) -> bool:
+def _has_override(overrides: list[str], key: str) -> bool:
     return any(o.split("=", 1)[0] == key for o in overrides)
+
+
+def _rollout_engine(cfg: ExperimentConfig, config_path: str, launch_servers: bool, cpu: bool,
+                    gpus_per_node: int, notes: list[str]) -> str:  # fmt: skip
+    """The engine the trainer will use, after checking that the config and the allocation agree on it."""
+    engine, sg = cfg.rollout.engine, cfg.rollout.sglang
+    if cpu:
+        if engine != "local":
+            raise LaunchPlanError(f"{config_path}: CPU mode needs rollout.engine=local, config has {engine!r}")
+        return engine
+    if launch_servers:
+        if gpus_per_node % sg.tp_size:
+            raise LaunchPlanError(f"rollout.sglang.tp_size={sg.tp_size} does not divide {gpus_per_node} GPUs per node")
+        if (sg.model_path or cfg.model.hf_path) is None:
+            raise LaunchPlanError(f"{config_path}: SGLang servers need model.hf_path (an HF model dir)")
+        if cfg.rollout.sglang_urls:
+            raise LaunchPlanError(
+                f"{config_path}: rollout.sglang_urls points at external servers, but this plan launches its own "
+                "(--rollout-nodes/--colocate); drop one of the two"
+            )
+        if engine != "sglang":
+            notes.append(f"rollout.engine {engine} -> sglang (this job launches SGLang servers)")
+        return "sglang"
+    if engine == "sglang" and not cfg.rollout.sglang_urls:
+        raise LaunchPlanError(
+            f"{config_path}: rollout.engine=sglang but no servers: pass --rollout-nodes K or --colocate, "
+            "or set rollout.sglang_urls"
+        )
+    if engine == "local":
+        notes.append("rollout.engine=local: the trainer generates in-process (no SGLang servers)")
+    return engine
+
+
+def _add_sglang(cfg: ExperimentConfig, server_nodes: list[NodePlan], gpus_per_node: int, colocate: bool,
+                python: str, launch_dir: str, notes: list[str]) -> tuple[list[str], str]:  # fmt: skip
+    """Append SGLang servers (one per tp_size GPUs) to every server node and the router to the first;
+    returns (server URLs, router URL)."""
+    sg = cfg.rollout.sglang
+    mem = sg.mem_fraction_static if sg.mem_fraction_static is not None else (0.4 if colocate else 0.85)
+    urls: list[str] = []
+    for n in server_nodes:
+        for s in range(gpus_per_node // sg.tp_size):
+            port = sg.base_port + SGLANG_PORT_STRIDE * (s + 1)
+            argv = [
+                "bash", f"{launch_dir}/sglang_server.sh", "--model-path", str(sg.model_path or cfg.model.hf_path),
+                "--host", n.address, "--port", str(port), "--tp", str(sg.tp_size), "--mem-fraction", f"{mem:g}",
+                "--base-gpu-id", str(s * sg.tp_size), "--nccl-port", str(port + 1), "--dtype", sg.dtype,
+            ]  # fmt: skip
+            if sg.context_length:
+                argv += ["--context-length", str(sg.context_length)]
+            extra = list(sg.extra_args)
+            if colocate and "--enable-memory-saver" not in extra:
+                extra.append("--enable-memory-saver")  # lets the trainer release/resume KV cache memory
+            if extra:
+                argv += ["--", *extra]
+            url = f"http://{n.address}:{port}"
+            urls.append(url)
+            n.processes.append(Process(f"sglang-{s}", "service", argv, health_url=f"{url}/health"))
+    if sg.num_servers != len(urls):
+        notes.append(f"{len(urls)} SGLang servers (one per {sg.tp_size} GPU(s) of each server node); "
+                     f"rollout.sglang.num_servers={sg.num_servers} only applies when the engine launches its own")
+    head = server_nodes[0]
+    router = f"http://{head.address}:{sg.base_port}"
+    head.processes.append(Process(
+        "router", "service",
+        [python, "-m", "sglang_router.launch_router", "--host", head.address, "--port", str(sg.base_port),
+         "--worker-urls", *urls],
+        health_url=f"{router}/health",
+    ))  # fmt: skip
+    return urls, router
+
+
+def _sglang_overrides(cfg: ExperimentConfig, server_nodes: list[NodePlan], urls: list[str], router: str,
+                      master_addr: str, master_port: int, notes: list[str]) -> dict[str, str]:  # fmt: skip
+    """Config overrides that point the trainer at this job's servers.
+
+    Generation goes through the router; weight sync goes to every server. update_weights_from_tensor only
+    reaches servers on trainer rank 0's node, so servers elsewhere need the NCCL group (on master_port+1).
+    """
+    sg = cfg.rollout.sglang
+    planned = {"rollout.engine": "sglang", "rollout.sglang_urls": json.dumps(urls), "rollout.sglang.router_url": router}
+    remote = any(n.index != 0 for n in server_nodes)
+    if remote and sg.weight_sync == "tensor":
+        planned["rollout.sglang.weight_sync"] = "distributed"
+        notes.append("rollout.sglang.weight_sync tensor -> distributed (servers on other nodes than rank 0)")
+    if remote or sg.weight_sync == "distributed":
+        planned["rollout.sglang.sync_master_addr"] = master_addr
+        planned["rollout.sglang.sync_master_port"] = str(master_port + 1)
+    ports = {int(u.rsplit(":", 1)[1]) for n in server_nodes if n.index == 0 for u in urls if n.address in u}
+    ports |= {p + 1 for p in ports} | ({cfg.rollout.sglang.base_port} if server_nodes[0].index == 0 else set())
+    if ports & {master_port, master_port + 1}:
+        raise LaunchPlanError(f"--master-port={master_port} (and +1) collides with SGLang ports on node 0; "
+                              "change --master-port or rollout.sglang.base_port")  # fmt: skip
+    return planned
 
 
 def make_plan(
@@ -231,8 +328,6 @@ def make_plan(
     SGLang servers take their sizes from ``rollout.sglang`` (tp_size, mem_fraction_static, dtype,
     context_length, extra_args, base_port); the trainer is pointed at them with config overrides.
     """
-    from megatron_scpo.config import load_config  # the config tree, not Megatron: cheap
-
     overrides = list(overrides)
     _check_sizes(nodes, gpus_per_node, rollout_nodes, colocate, cpu)
     hostnames = list(hostnames) if hostnames else [f"node{i}" for i in range(nodes)]
@@ -241,105 +336,36 @@ def make_plan(
     addresses = list(addresses) if addresses else list(hostnames)
     if len(addresses) != nodes:
         raise LaunchPlanError(f"{len(addresses)} addresses given for --nodes={nodes}")
-    cfg = load_config(config_path, overrides)
-    unit = "procs" if cpu else "GPUs"
-    sg = cfg.rollout.sglang
     if not 0 < master_port < 65535:
         raise LaunchPlanError(f"--master-port={master_port} is not a port")
+    # lazily: the node-side modes (--emit-node-cmd, --wait-healthy) run often and need no config tree
+    from megatron_scpo.config import load_config
+
+    cfg = load_config(config_path, overrides)
 
     train_nodes = nodes - rollout_nodes
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    dp = check_parallel_fit(tp, pp, train_nodes, gpus_per_node, unit)
-    world = train_nodes * gpus_per_node
+    dp = check_parallel_fit(tp, pp, train_nodes, gpus_per_node, "procs" if cpu else "GPUs")
     run_dir = run_dir or cfg.run_dir or f"runs/{cfg.name}"
     notes: list[str] = []
+    launch_servers = (colocate or rollout_nodes > 0) and not cpu
+    engine = _rollout_engine(cfg, config_path, launch_servers, cpu, gpus_per_node, notes)
 
-    launch_servers = colocate or rollout_nodes > 0
-    trainer_overrides = list(overrides)
-    engine = cfg.rollout.engine
-    if cpu:
-        if engine != "local":
-            raise LaunchPlanError(f"{config_path}: CPU mode needs rollout.engine=local, config has {engine!r}")
-    elif launch_servers:
-        if gpus_per_node % sg.tp_size:
-            raise LaunchPlanError(
-                f"rollout.sglang.tp_size={sg.tp_size} does not divide {gpus_per_node} GPUs per node"
-            )
-        if (sg.model_path or cfg.model.hf_path) is None:
-            raise LaunchPlanError(f"{config_path}: SGLang servers need model.hf_path (an HF model dir)")
-        if cfg.rollout.sglang_urls:
-            raise LaunchPlanError(
-                f"{config_path}: rollout.sglang_urls points at external servers, but this plan launches its own "
-                "(--rollout-nodes/--colocate); drop one of the two"
-            )
-        if engine != "sglang":
-            notes.append(f"rollout.engine {engine} -> sglang (this job launches SGLang servers)")
-        engine = "sglang"
-    elif engine == "sglang" and not cfg.rollout.sglang_urls:
-        raise LaunchPlanError(
-            f"{config_path}: rollout.engine=sglang but no servers: pass --rollout-nodes K or --colocate, "
-            "or set rollout.sglang_urls"
-        )
-    elif engine == "local":
-        notes.append("rollout.engine=local: the trainer generates in-process (no SGLang servers)")
-
-    node_plans: list[NodePlan] = []
-    for i, (name, addr) in enumerate(zip(hostnames, addresses)):
-        is_train = i < train_nodes
-        role = ("train+rollout" if colocate else "train") if is_train else "rollout"
-        node_plans.append(NodePlan(index=i, name=name, address=addr, role=role, group="train" if is_train else "rollout"))
-
-    # SGLang servers (+ router on the first server node) when this job owns the rollout engine.
+    node_plans = [
+        NodePlan(index=i, name=name, address=addr, group="train" if i < train_nodes else "rollout",
+                 role=("train+rollout" if colocate else "train") if i < train_nodes else "rollout")
+        for i, (name, addr) in enumerate(zip(hostnames, addresses))
+    ]  # fmt: skip
+    master_addr = node_plans[0].address
     router_url: str | None = None
     server_urls: list[str] = []
-    if launch_servers and not cpu:
-        mem = sg.mem_fraction_static if sg.mem_fraction_static is not None else (0.4 if colocate else 0.85)
+    trainer_overrides = list(overrides)
+    if launch_servers:
         server_nodes = node_plans[:train_nodes] if colocate else node_plans[train_nodes:]
-        for n in server_nodes:
-            for s in range(gpus_per_node // sg.tp_size):
-                port = sg.base_port + SGLANG_PORT_STRIDE * (s + 1)
-                argv = [
-                    "bash", f"{launch_dir}/sglang_server.sh", "--model-path", str(sg.model_path or cfg.model.hf_path),
-                    "--host", n.address, "--port", str(port), "--tp", str(sg.tp_size), "--mem-fraction", f"{mem:g}",
-                    "--base-gpu-id", str(s * sg.tp_size), "--nccl-port", str(port + 1), "--dtype", sg.dtype,
-                ]  # fmt: skip
-                if sg.context_length:
-                    argv += ["--context-length", str(sg.context_length)]
-                extra = list(sg.extra_args)
-                if colocate and "--enable-memory-saver" not in extra:
-                    extra.append("--enable-memory-saver")  # lets the trainer release/resume KV cache memory
-                if extra:
-                    argv += ["--", *extra]
-                url = f"http://{n.address}:{port}"
-                server_urls.append(url)
-                n.processes.append(Process(f"sglang-{s}", "service", argv, health_url=f"{url}/health"))
-        if sg.num_servers != len(server_urls):
-            notes.append(f"{len(server_urls)} SGLang servers (one per {sg.tp_size} GPU(s) of each server node); "
-                         f"rollout.sglang.num_servers={sg.num_servers} only applies when the engine launches its own")
-        head = server_nodes[0]
-        router_url = f"http://{head.address}:{sg.base_port}"
-        head.processes.append(Process(
-            "router", "service",
-            [python, "-m", "sglang_router.launch_router", "--host", head.address, "--port", str(sg.base_port),
-             "--worker-urls", *server_urls],
-            health_url=f"{router_url}/health",
-        ))  # fmt: skip
-        # Generation goes through the router; weight sync goes to every server. update_weights_from_tensor
-        # only reaches servers on trainer rank 0's node, so any server elsewhere needs the NCCL group.
-        planned = {"rollout.engine": "sglang", "rollout.sglang_urls": json.dumps(server_urls),
-                   "rollout.sglang.router_url": router_url}  # fmt: skip
-        remote = any(n.index != 0 for n in server_nodes)
-        if remote and sg.weight_sync == "tensor":
-            planned["rollout.sglang.weight_sync"] = "distributed"
-            notes.append("rollout.sglang.weight_sync tensor -> distributed (servers on other nodes than rank 0)")
-        if remote or sg.weight_sync == "distributed":
-            planned["rollout.sglang.sync_master_addr"] = addresses[0]
-            planned["rollout.sglang.sync_master_port"] = str(master_port + 1)
-        for key, value in planned.items():
-            if not _override_value(trainer_overrides, key):
-                trainer_overrides.append(f"{key}={value}")
+        server_urls, router_url = _add_sglang(cfg, server_nodes, gpus_per_node, colocate, python, launch_dir, notes)
+        planned = _sglang_overrides(cfg, server_nodes, server_urls, router_url, master_addr, master_port, notes)
+        trainer_overrides += [f"{k}={v}" for k, v in planned.items() if not _has_override(overrides, k)]
 
-    master_addr = node_plans[0].address
     env = {"SCPO_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"} if cpu else {}
     for n in node_plans[:train_nodes]:
         n.ranks = list(range(n.index * gpus_per_node, (n.index + 1) * gpus_per_node))
@@ -358,8 +384,8 @@ def make_plan(
     return LaunchPlan(
         config=config_path, overrides=overrides, run_dir=run_dir, nodes=nodes, gpus_per_node=gpus_per_node,
         train_nodes=train_nodes, rollout_nodes=rollout_nodes, colocate=colocate, cpu=cpu, tp=tp, pp=pp, dp=dp,
-        world_size=world, master_addr=master_addr, master_port=master_port, engine=engine, router_url=router_url,
-        sglang_servers=server_urls, notes=notes, node_plans=node_plans,
+        world_size=train_nodes * gpus_per_node, master_addr=master_addr, master_port=master_port, engine=engine,
+        router_url=router_url, sglang_servers=server_urls, notes=notes, node_plans=node_plans,
     )  # fmt: skip
 
 

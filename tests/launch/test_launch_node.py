@@ -21,7 +21,7 @@ import http.server, os, sys, threading, time, urllib.request
 mode, pidfile = sys.argv[1], sys.argv[2]
 open(pidfile, "w").write(str(os.getpid()))
 if mode == "service":
-    port, status, die_after = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+    port, status, die_after, main_pidfile = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(status); self.end_headers()
@@ -30,7 +30,9 @@ if mode == "service":
     srv = http.server.HTTPServer(("127.0.0.1", port), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     print("serving", port, flush=True)
-    if die_after > 0:
+    if die_after > 0:  # crash while the main runs
+        while not os.path.exists(main_pidfile):
+            time.sleep(0.05)
         time.sleep(die_after); print("crash", flush=True); sys.exit(1)
     while True:
         time.sleep(1)
@@ -66,7 +68,7 @@ class Node:
         py = sys.executable
         procs = [
             Process("svc", "service", [py, str(stub), "service", str(self.svc_pid), str(port), str(status),
-                                       str(die_after)], health_url=url),
+                                       str(die_after), str(self.main_pid)], health_url=url),
             Process("trainer", "main", [py, str(stub), "main", str(self.main_pid), url, str(main_sleep),
                                         str(main_rc)], env={"SCPO_TEST_VAR": "1"}),
         ]  # fmt: skip
@@ -122,7 +124,7 @@ def test_node_fails_with_the_trainer_exit_code_and_stops_services(tmp_path: Path
 
 @pytest.mark.parametrize("compat_wait", [False, True], ids=["wait-n-p", "bash<5.1"])
 def test_node_fails_fast_when_a_service_dies_mid_run(tmp_path: Path, compat_wait: bool) -> None:
-    node = Node(tmp_path, die_after=1.5, main_sleep=120)
+    node = Node(tmp_path, die_after=0.5, main_sleep=120)
     rc, out = node.run(compat_wait=compat_wait)
     assert rc == 1, out
     assert "ERROR: service svc exited (code 1) while the job runs" in out and "crash" in out

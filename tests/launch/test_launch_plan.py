@@ -187,6 +187,9 @@ def test_rank_coords_match_megatron_rank_generator() -> None:
         ({"nodes": 1, "gpus_per_node": 2, "cpu": True, "colocate": True}, [], "CPU mode"),
         ({"nodes": 2, "gpus_per_node": 8, "hostnames": ["a"]}, [], r"1 hostnames given \(a\) for --nodes=2"),
         ({"nodes": 0, "gpus_per_node": 8}, [], r"--nodes must be >= 1"),
+        ({"nodes": 1, "gpus_per_node": 8, "colocate": True, "master_port": 30020}, [], "collides with SGLang ports"),
+        ({"nodes": 1, "gpus_per_node": 8, "colocate": True, "master_port": 29999}, [], "collides"),  # +1 = router
+        ({"nodes": 1, "gpus_per_node": 8, "master_port": 70000}, [], r"--master-port=70000 is not a port"),
         ({"nodes": 1, "gpus_per_node": 8}, ["parallel.tp=0"], r"c\.yaml: parallel: tp.* must be >= 1"),
     ],
 )
