@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from megatron_scpo.trainer.evaluate_math import ae_score
+from megatron_scpo.trainer.metrics import PHASES, read_metrics
 
 ORDER = ("warmstart", "stage1")
 
@@ -101,6 +103,27 @@ def difficulty_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def phase_table(run_dir: Path) -> str:
+    """Mean seconds per RL step and per phase, per method, from metrics.jsonl."""
+    per: dict[str, list[dict]] = defaultdict(list)
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        if r["stage"].startswith("rl/"):
+            per[r["stage"][3:]].append(r)
+    if not per:
+        return "(no RL steps logged)"
+    mean = {m: {k: sum(r.get(f"time/{k}") or 0.0 for r in rs) / len(rs) for k in (*PHASES, "step")}
+            for m, rs in per.items()}
+    fastest = min(v["step"] for v in mean.values())
+    head = ["method", "s/step", "vs fastest"] + [f"{p} %" for p in PHASES] + ["tokens/s (rollout)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, v in mean.items():
+        tps = sum(r.get("perf/tokens_per_s") or 0.0 for r in per[m]) / len(per[m])
+        cells = [m, f"{v['step']:.2f}", f"{v['step'] / fastest:.2f}x"] + [
+            f"{100 * v[p] / v['step']:.0f}" for p in PHASES] + [f"{tps:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Left: mean tokens vs accuracy per run. Right: critical vs redundant tokens per run (stacked)."""
     import matplotlib
@@ -146,6 +169,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> str:
     if dt:
         md += ["## Per difficulty (number of operations)", "", dt, ""]
     md += ["![report](report.png)", ""]
+    for rd in run_dirs:
+        if (Path(rd) / "metrics.jsonl").is_file():
+            md += [f"## Where RL step time goes ({rd})", "", phase_table(Path(rd)), ""]
     text = "\n".join(md)
     (out / "report.md").write_text(text)
     plot(rows, out / "report.png")
