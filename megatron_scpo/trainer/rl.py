@@ -218,15 +218,22 @@ TRAIN_METRIC_NAMES = {"clip_frac_low": "clip/frac_low", "clip_frac_high": "clip/
 
 def train_on(rt: Runtime, packed: PackedBatch, tensors: dict[str, torch.Tensor], loss: str,
              loss_kwargs: dict[str, Any], mini_batches: int, micro_batch_size: int) -> dict[str, float]:
-    """``mini_batches`` optimizer steps over a shuffled-free split of the batch; metrics averaged."""
+    """``mini_batches`` optimizer steps over consecutive slices of the batch; metrics averaged.
+
+    With data parallelism each DP rank trains on every dp-th row of the slice (the backend all-reduces
+    gradients and normalizes the loss over the global token count).
+    """
     B = packed.input_ids.shape[0]
+    info = getattr(rt.policy, "info", None)
+    dp, dp_rank = (info.dp, info.dp_rank) if info is not None else (1, 0)
     bounds = [round(i * B / mini_batches) for i in range(mini_batches + 1)]
     agg: dict[str, float] = {}
     skipped = 0
     for k in range(mini_batches):
-        idx = list(range(bounds[k], bounds[k + 1]))
-        if not idx:
-            continue
+        idx = list(range(bounds[k], bounds[k + 1]))[dp_rank::dp]
+        if len(range(bounds[k], bounds[k + 1])) < dp:
+            raise ValueError(f"mini-batch {k} has {bounds[k + 1] - bounds[k]} samples for {dp} data-parallel "
+                             "ranks: raise rl.prompts_per_step or lower rl.mini_batches")
         sub = packed.select(idx)
         s = sub.input_ids.shape[1]
         batch = {"input_ids": sub.input_ids, "attention_mask": sub.attention_mask, "loss_mask": sub.loss_mask}

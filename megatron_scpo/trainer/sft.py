@@ -66,6 +66,9 @@ def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int
         idx, order = order[:batch_size], order[batch_size:]
         cur_lr = warmup_lr(lr, step, warmup_steps, steps)
         set_lr(rt.policy, cur_lr)
+        info = getattr(rt.policy, "info", None)
+        if info is not None and info.dp > 1:  # each data-parallel rank takes every dp-th sequence
+            idx = idx[info.dp_rank::info.dp]
         packed = pack([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], rt.pad_id)
         batch = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
                  "loss_mask": packed.loss_mask}
