@@ -174,11 +174,22 @@ scpo_stop_pid() {  # pid grace
     return 0
 }
 
-# Exits once RUN_DIR/metrics.jsonl has not changed for SCPO_STALL_TIMEOUT seconds (a hung collective).
+# Background timers of the batch script. Each returns once its condition holds, and returns 1 as soon as the
+# batch shell ($$ inside a subshell) is gone, so a timer never outlives its job.
+scpo_job_timer() {  # seconds
+    local end=$((SECONDS + $1))
+    while ((SECONDS < end)); do
+        kill -0 $$ 2>/dev/null || return 1
+        sleep 2
+    done
+}
+
+# Returns once RUN_DIR/metrics.jsonl has not changed for SCPO_STALL_TIMEOUT seconds (a hung collective).
 scpo_stall_watchdog() {
     local limit=$1 metrics="$SCPO_RUN_DIR/metrics.jsonl" last now
     last=$(date +%s)
-    while sleep $((limit < 60 ? 5 : 30)); do
+    while sleep $((limit < 60 ? 2 : 10)); do
+        kill -0 $$ 2>/dev/null || return 1
         now=$(date +%s)
         if [ -f "$metrics" ]; then
             local m
@@ -235,7 +246,7 @@ scpo_job_main() {  # args: config overrides (key.path=value)
         --nodelist="$SCPO_PLAN_TRAIN_HOSTS" "${node_step[@]}" &
     pid_train=$!
     if [ "${SCPO_JOB_TIMEOUT:-0}" -gt 0 ]; then
-        sleep "$SCPO_JOB_TIMEOUT" &
+        scpo_job_timer "$SCPO_JOB_TIMEOUT" &
         pid_timer=$!
     fi
     if [ "${SCPO_STALL_TIMEOUT:-0}" -gt 0 ]; then
@@ -243,6 +254,9 @@ scpo_job_main() {  # args: config overrides (key.path=value)
         pid_watch=$!
     fi
     scpo_log "started: train step pid $pid_train${pid_rollout:+, rollout step pid $pid_rollout}"
+    # Whatever ends this shell (including a bug), nothing it started may outlive it.
+    # shellcheck disable=SC2064
+    trap "kill $pid_train $pid_rollout $pid_timer $pid_watch 2>/dev/null" EXIT
 
     # USR1 (sbatch --signal=B:USR1@N before the time limit, or `scancel -b -s USR1`): ask the trainer to
     # stop (SIGTERM + STOP file), give it SCPO_STOP_GRACE seconds, then requeue this job. The next attempt
