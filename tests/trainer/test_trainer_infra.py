@@ -159,3 +159,22 @@ def test_token_offsets_cover_generated_text():
     offs = token_offsets(tok, ids, text)
     assert len(offs) == len(ids) and offs[-1][0] == offs[-1][1] == len(text)  # EOS: empty span at the end
     assert "".join(text[s:e] for s, e in offs) == text
+
+
+def test_method_state_survives_json_checkpoint(tmp_path):
+    """LAPO's length map goes into trainer_state.json: it must be JSON-serializable and load back equal."""
+    from megatron_scpo.algo.config import AlgoConfig
+    from megatron_scpo.algo.registry import GroupedRollouts, build_method
+
+    method = build_method(AlgoConfig(method="lapo_stage1"))
+    step_ids = torch.tensor([[0, 0, 1, -1], [0, 1, 1, 1], [0, 0, -1, -1], [0, 1, 1, -1]])
+    r = GroupedRollouts(group_ids=torch.tensor([0, 0, 1, 1]), correct=torch.tensor([True, True, False, True]),
+                        response_lengths=(step_ids >= 0).sum(1), step_ids=step_ids, response_mask=step_ids >= 0,
+                        truncated=torch.zeros(4, dtype=torch.bool), prompt_keys=["a", "a", "b", "b"])
+    method.compute(r)
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"method_state": method.state_dict()}, lambda d: d.mkdir(parents=True))
+    back = build_method(AlgoConfig(method="lapo_stage2"))
+    back.load_state_dict(mgr.load(mgr.latest(), restore_rng=False)["method_state"])
+    assert back.state_dict() == json.loads(json.dumps(method.state_dict()))
+    assert back.prepare_prompt("Q <think>", "a") != "Q <think>"  # stage 2 states the learned budget
