@@ -235,7 +235,10 @@ scpo_job_main() {  # args: config overrides (key.path=value)
 
     # One supervisor task per node; a task that fails kills its whole step. Each writes LOG_DIR/node-NAME.log
     # and echoes into this job log.
-    local node_step=(--ntasks-per-node=1 --kill-on-bad-exit=1 bash "$SCPO_HOME/launch/node.sh")
+    # --cpus-per-task: all of the node's cores (a step defaults to 1 CPU, and with task/cgroup every rank and
+    # data worker would be pinned to that one core).
+    local node_step=(--ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"
+        bash "$SCPO_HOME/launch/node.sh")
     local pid_train="" pid_rollout="" pid_timer="" pid_watch=""
     if [ "$SCPO_PLAN_ROLLOUT_NODES" -gt 0 ]; then
         srun --nodes="$SCPO_PLAN_ROLLOUT_NODES" --ntasks="$SCPO_PLAN_ROLLOUT_NODES" \
