@@ -477,6 +477,9 @@ class MegatronPolicy:
         if dist.get_rank() == 0:
             tmp.mkdir(parents=True, exist_ok=False)
         dist.barrier()
+        # A never-stepped DistributedOptimizer has empty Adam state, which megatron (no TE/Apex) cannot
+        # shard for saving; zero state with step 0 is exactly what the first step would create.
+        _prime_optimizer_state(self.optimizer)
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), str(tmp))
         rng = self._gather_rng()
         dist.barrier()

@@ -27,9 +27,6 @@ TINY = [
     "algo.method=grpo", "rl.prompts_per_step=2", "rl.micro_batch_size=4", "rl.mini_batches=1",
     "rollout.n_samples=2", "rollout.max_new_tokens=16", "logging.tensorboard=false", "logging.progress=false",
     "tiny_model.hidden_size=64", "tiny_model.intermediate_size=128", "tiny_model.num_attention_heads=1",
-    # Megatron's distributed optimizer cannot save before its first step (megatron-core 0.16 asserts in
-    # DistributedOptimizer.state_dict), and the trainer saves the rl_start snapshot before any step.
-    "parallel.use_distributed_optimizer=false",
 ]  # fmt: skip
 
 pytestmark = [pytest.mark.slow]
