@@ -25,6 +25,7 @@ constant-coefficient discounted suffix sum (two small matmuls per level), which 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -55,53 +56,98 @@ def discounted_suffix_sum(d: torch.Tensor, g: float, block: int = _SCAN_BLOCK) -
     return out.reshape(r, nb * block)[:, :s]
 
 
-def _prepare(rewards, valid, step_ids, boundaries, seq_ends, values, gamma, dtype):
-    """Compact the valid tokens (row-major) and reduce them to steps.
+class _Steps(NamedTuple):
+    """Run/step decomposition of the flat [B*T] layout (see ``_decompose``)."""
 
-    Returns (vi: flat positions of valid tokens, k: step index of each valid token, end_pos: flat
-    positions of step ends, delta/has_next/v_first per step). Every op is O(#valid tokens) with
-    no Python loop: this is the CPU hot path.
+    lens: torch.Tensor  # [R] run lengths; runs tile the flat layout in order
+    vr: torch.Tensor  # [Rv] indices of the valid runs
+    step_of_vr: torch.Tensor  # [Rv] step index of each valid run
+    last_tok: torch.Tensor  # [S] flat position of each step's last valid token
+    delta: torch.Tensor  # [S] delta_j
+    has_next: torch.Tensor  # [S] the step's chain continues with step j+1
+    v_first: torch.Tensor | None  # [S] V_j (critic mode)
+
+
+def _decompose(rewards, valid, step_ids, boundaries, seq_ends, values, gamma, dtype) -> _Steps | None:
+    """Reduce tokens to steps with O(1) full-size passes; all the bookkeeping happens on runs.
+
+    A *run* is a maximal stretch of the flat layout that is all-valid or all-masked, does not cross a
+    row, a step change or a sequence end. Runs tile the layout, so a per-run value is broadcast back to
+    tokens by one ``repeat_interleave`` and rewards are reduced by one ``segment_reduce``: the only
+    token-sized work is a few boolean shifts, one nonzero, one reduction and one broadcast (plus one
+    int compare for ``step_ids``). Steps are then the valid runs, merged across masked holes when the
+    step id / boundary says the step continues; that merging and the chain links are run-sized.
     """
     bsz, t = valid.shape
-    vi = valid.reshape(-1).nonzero().squeeze(1)
-    n = vi.numel()
-    dev = vi.device
-    row = torch.div(vi, t, rounding_mode="floor")
-    has_next = torch.zeros(n, dtype=torch.bool, device=dev)
-    has_next[:-1] = row[1:] == row[:-1]
-    if seq_ends is not None:  # a sequence end anywhere in [this token, next valid token) cuts the chain
-        cs = seq_ends.reshape(-1).long().cumsum(0)
-        before = cs.index_select(0, vi) - seq_ends.reshape(-1).long().index_select(0, vi)
-        has_next[:-1] &= cs.index_select(0, vi[1:] - 1) == before[:-1]
-    if step_ids is None and boundaries is None:
-        end = torch.ones(n, dtype=torch.bool, device=dev)
-        k = torch.arange(n, device=dev)
-        delta = rewards.reshape(-1).index_select(0, vi).to(dtype)
+    n = valid.numel()
+    start = torch.empty((bsz, t), dtype=torch.bool, device=valid.device)
+    start[:, 0] = True
+    torch.ne(valid[:, 1:], valid[:, :-1], out=start[:, 1:])
+    inner = start[:, 1:]
+    if step_ids is not None:
+        inner |= (step_ids[:, 1:] != step_ids[:, :-1]) & valid[:, 1:]
+    elif boundaries is not None:
+        inner |= boundaries[:, :-1] & valid[:, :-1] & valid[:, 1:]
+    else:  # token level: every valid token is its own step
+        start |= valid
+    if seq_ends is not None:
+        inner |= seq_ends[:, :-1]
+    pos = start.view(-1).nonzero().squeeze(1)
+    lens = torch.diff(pos, append=pos.new_full((1,), n))
+    run_sum = torch.segment_reduce(rewards.reshape(-1).to(dtype), "sum", lengths=lens, unsafe=True)
+    vr = valid.reshape(-1).index_select(0, pos).nonzero().squeeze(1)
+    if vr.numel() == 0:  # no valid token at all
+        return None
+    first = pos.index_select(0, vr)
+    last = first + lens.index_select(0, vr) - 1
+    # consecutive valid runs a -> b belong to one sequence (linked) unless a row or a seq_end lies between
+    linked = torch.div(first[1:], t, rounding_mode="floor") == torch.div(first[:-1], t, rounding_mode="floor")
+    if seq_ends is not None:
+        cut = seq_ends.reshape(-1).index_select(0, pos + lens - 1).long()
+        ccut = cut.cumsum(0)
+        linked &= ccut.index_select(0, vr[1:] - 1) == ccut.index_select(0, vr[:-1]) - cut.index_select(0, vr[:-1])
+    if step_ids is not None:  # adjacent runs always differ; across a masked hole the ids decide
+        sid = step_ids.reshape(-1)
+        new_step = sid.index_select(0, first[1:]) != sid.index_select(0, last[:-1])
+    elif boundaries is not None:
+        new_step = boundaries.reshape(-1).index_select(0, last[:-1])
     else:
-        if step_ids is not None:
-            sid = step_ids.reshape(-1).index_select(0, vi)
-            end = torch.ones(n, dtype=torch.bool, device=dev)
-            end[:-1] = sid[1:] != sid[:-1]
-        else:
-            end = boundaries.reshape(-1).index_select(0, vi).bool()
-        end |= ~has_next
-        k = end.cumsum(0) - end.long()
-        n_steps = int(k[-1]) + 1
-        delta = torch.zeros(n_steps, device=dev, dtype=dtype).index_add_(
-            0, k, rewards.reshape(-1).index_select(0, vi).to(dtype)
-        )
-    end_at = end.nonzero().squeeze(1)
-    has_next_step = has_next.index_select(0, end_at)
+        new_step = torch.ones_like(linked)
+    step_start = torch.ones(vr.numel(), dtype=torch.bool, device=vr.device)
+    step_start[1:] = new_step | ~linked
+    step_of_vr = step_start.cumsum(0) - 1
+    n_steps = int(step_of_vr[-1]) + 1
+    vsum = run_sum.index_select(0, vr)
+    delta = vsum if n_steps == vr.numel() else torch.zeros(n_steps, device=vr.device, dtype=dtype).index_add_(
+        0, step_of_vr, vsum
+    )
+    step_end = torch.ones_like(step_start)
+    step_end[:-1] = step_start[1:]
+    has_next = torch.zeros_like(step_start)
+    has_next[:-1] = linked
+    has_next = has_next[step_end]
     v_first = None
     if values is not None:
-        vv = values.reshape(-1).index_select(0, vi).to(dtype)
-        start = torch.ones(n, dtype=torch.bool, device=dev)
-        start[1:] = end[:-1]
-        v_first = vv[start]
+        v_first = values.reshape(-1).index_select(0, first[step_start]).to(dtype)
         v_next = torch.zeros_like(v_first)
         v_next[:-1] = v_first[1:]
-        delta = delta + torch.where(has_next_step, gamma * v_next, 0.0) - v_first
-    return vi, k, vi.index_select(0, end_at), delta, has_next_step, v_first
+        delta = delta + torch.where(has_next, gamma * v_next, 0.0) - v_first
+    return _Steps(lens, vr, step_of_vr, last[step_end], delta, has_next, v_first)
+
+
+def _broadcast(per_step: torch.Tensor, st: _Steps, shape: tuple[int, int]) -> torch.Tensor:
+    """Per-step values -> [B, T] tokens (0 on masked tokens) through the runs: one full-size pass."""
+    per_run = per_step.new_zeros(st.lens.numel())
+    per_run[st.vr] = per_step.index_select(0, st.step_of_vr)
+    return per_run.repeat_interleave(st.lens, output_size=shape[0] * shape[1]).view(shape)
+
+
+def _check_finite(name: str, x: torch.Tensor, valid: torch.Tensor) -> None:
+    """NaN/inf on valid tokens is an error; garbage on masked tokens is allowed."""
+    if bool(torch.isfinite(x.sum())):  # fast path: everything finite (an overflowing sum falls through)
+        return
+    if not bool(torch.isfinite(x).logical_or_(~valid).all()):
+        raise ValueError(f"{name} contains NaN/inf on valid (mask=1) tokens")
 
 
 def _segmented_discount(delta: torch.Tensor, has_next: torch.Tensor, gl: float) -> torch.Tensor:
@@ -162,33 +208,32 @@ def segmented_gae(
             raise ValueError(f"{name} must be in [0, 1], got {x!r}")
     valid = mask.bool()
     for name, tns in (("rewards", rewards), ("values", values)):
-        if tns is not None and not bool(torch.isfinite(tns).logical_or_(~valid).all()):
-            raise ValueError(f"{name} contains NaN/inf on valid (mask=1) tokens")
+        if tns is not None:
+            _check_finite(name, tns, valid)
     which = resolve_impl(impl, rewards)
     if which == "triton" and (block_t <= 0 or block_t & (block_t - 1)):
         raise ValueError(f"block_t must be a power of 2, got {block_t}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    adv = torch.zeros(shape, device=rewards.device, dtype=dtype)
-    if not bool(valid.any()):
+    bnd = None if boundaries is None else boundaries.bool()
+    ends = None if seq_ends is None else seq_ends.bool()
+    st = _decompose(rewards, valid, step_ids, bnd, ends, values, float(gamma), dtype)
+    if st is None:
+        adv = torch.zeros(shape, device=rewards.device, dtype=dtype)
         return adv, adv.clone()
     gl = float(gamma) * float(lam)
-    vi, k, end_pos, delta, has_next, v_first = _prepare(
-        rewards, valid, step_ids, boundaries, seq_ends, values, float(gamma), dtype
-    )
     if which == "triton":
         from . import _triton_gae as tg
 
         count_launch("gae_scan")
         coef = torch.ones(rewards.numel(), device=rewards.device)
-        coef[end_pos] = torch.where(has_next, gl, 0.0).float()
+        coef[st.last_tok] = torch.where(st.has_next, gl, 0.0).float()
         b = torch.zeros(rewards.numel(), device=rewards.device)
-        b[end_pos] = delta.float()
-        a_tok = tg.reverse_scan(coef.view(shape), b.view(shape), block_t).reshape(-1).index_select(0, vi).to(dtype)
+        b[st.last_tok] = st.delta.float()
+        a_tok = tg.reverse_scan(coef.view(shape), b.view(shape), block_t).to(dtype)
+        adv = a_tok.masked_fill_(~valid, 0.0)
     else:
-        a_tok = _segmented_discount(delta, has_next, gl).index_select(0, k)
-    adv.view(-1).index_copy_(0, vi, a_tok)
-    if v_first is None:
+        a_step = _segmented_discount(st.delta, st.has_next, gl)
+        adv = _broadcast(a_step, st, shape)
+    if st.v_first is None:
         return adv, adv.clone()
-    ret = torch.zeros_like(adv)
-    ret.view(-1).index_copy_(0, vi, a_tok + v_first.index_select(0, k))
-    return adv, ret
+    return adv, adv + _broadcast(st.v_first, st, shape)
