@@ -154,6 +154,11 @@ def phases_of(cfg: ExperimentConfig) -> list[str]:
     return out
 
 
+def label_of(phase: str) -> str:
+    """Snapshot / eval label of a phase: ``rl/scpo`` -> ``rl_scpo``."""
+    return phase.replace("/", "_")
+
+
 class Pipeline:
     """Runs the phases with checkpoints; ``state`` is what trainer_state.json holds."""
 
@@ -196,6 +201,10 @@ class Pipeline:
         if not self.state["done"] and self.state["phase"] is None and self.cfg.eval.enabled:
             if not self.cfg.warmstart.enabled:  # the starting model is the baseline
                 self._eval("warmstart")
+        if self.state["done"] and self.state["phase"] is None:
+            # killed during the evaluation that follows a stage snapshot: the loaded weights are that
+            # snapshot's, so its evaluation can be redone now (no-op when it exists)
+            self._eval(label_of(self.state["done"][-1]))
         for phase in phases_of(self.cfg):
             if phase in self.state["done"]:
                 continue
@@ -223,11 +232,11 @@ class Pipeline:
                 self.baseline = res
         barrier()
 
-    def _finish(self, phase: str, label: str) -> None:
+    def _finish(self, phase: str) -> None:
         self.state["done"] = [*self.state["done"], phase]
         self.state.update(phase=None, rl_step=0, data=None, method_state=None)
-        self._save(snapshot=label)
-        self._eval(label)
+        self._save(snapshot=label_of(phase))
+        self._eval(label_of(phase))
 
     def warmstart(self) -> None:
         from megatron_scpo.trainer.sft import sft_train, trace_pairs
@@ -238,7 +247,7 @@ class Pipeline:
                   lr=c.lr, warmup_steps=c.warmup_steps, seed=self.cfg.rl.seed, stage="warmstart",
                   log_every=c.log_every)
         self.rt.sync_weights()
-        self._finish("warmstart", "warmstart")
+        self._finish("warmstart")
 
     def stage1(self) -> None:
         from megatron_scpo.data.datasets import PromptIterator
@@ -257,7 +266,7 @@ class Pipeline:
             self.rt.sync_weights()
         elif self.rt.is_main:
             print("[stage1] no verified-correct samples: stage 1 SFT skipped", flush=True)
-        self._finish("stage1", "stage1")
+        self._finish("stage1")
 
     def rl(self, name: str) -> None:
         from megatron_scpo.algo.registry import build_method
@@ -294,7 +303,7 @@ class Pipeline:
                 self.state.update(rl_step=step + 1, data=it.state_dict(), method_state=method.state_dict())
                 self._save()
         self.state["carry_method_state"] = method.state_dict() if sequential else None
-        self._finish(stage, f"rl_{name}")
+        self._finish(stage)
 
 
 # ------------------------------------------------------------------------------------------- entry points
