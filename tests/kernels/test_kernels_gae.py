@@ -145,3 +145,79 @@ def test_bad_input_raises():
     assert torch.isfinite(segmented_gae(bad, m)[0]).all()
     with pytest.raises(ValueError, match="power of 2"):
         segmented_gae(r, m, impl="triton", block_t=12)
+
+
+def _padding_only_mask(seed: int, b: int, t: int) -> torch.Tensor:
+    """Rows with left and/or right padding but no holes (the dense token-level fast path); one empty row."""
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.randint(0, max(t // 3, 1), (b,), generator=g)
+    hi = t - torch.randint(0, max(t // 3, 1), (b,), generator=g)
+    lo[0] = 0  # a row starting valid
+    cols = torch.arange(t)
+    mask = (cols >= lo[:, None]) & (cols < hi[:, None])
+    if b > 2:
+        mask[2] = False
+    return mask
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_sgae_padding_only_masks(impl, variant, left_pad):
+    r, _, s, bd, v, se = _batch(11, 4, 53)
+    m = _padding_only_mask(3, 4, 53)
+    if not left_pad:  # every row starts valid: the token path skips zeroing the padding
+        m = torch.arange(53)[None, :] < m.sum(1, keepdim=True)
+    kw = VARIANTS[variant](s, bd, v, se)
+    adv, ret = segmented_gae(r, m, gamma=0.95, lam=0.9, impl=impl, block_t=16, **kw)
+    ar, rr = sgae_ref(r, m, gamma=0.95, lam=0.9, **kw)
+    torch.testing.assert_close(adv.double(), ar, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ret.double(), rr, rtol=1e-5, atol=1e-5)
+    assert torch.all(adv[~m] == 0) and torch.all(ret[~m] == 0)
+
+
+@given(st.integers(1, 4), st.integers(1, 90), st.floats(0.0, 1.0), st.integers(0, 10_000), st.sampled_from(list(VARIANTS)))
+def test_sgae_torch_path_property_padding_only(b, t, gl, seed, variant):
+    r, _, s, bd, v, se = _batch(seed, b, t, p_step=0.3)
+    m = _padding_only_mask(seed, b, t)
+    kw = VARIANTS[variant](s, bd, v, se)
+    adv, ret = segmented_gae(r, m, gamma=1.0, lam=gl, **kw)
+    ar, rr = sgae_ref(r, m, gamma=1.0, lam=gl, **kw)
+    torch.testing.assert_close(adv.double(), ar, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ret.double(), rr, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gl", [0.5, 0.999, 1.0])
+def test_sgae_fp32_long_sequences_match_fp64(gl):
+    """fp32 math over 4k-token rows stays within 1e-5 (relative) of the float64 reference.
+
+    gamma*lam near 1 accumulates thousands of terms; 0.5 makes powers underflow (a gl^-t rescaling
+    would overflow): both must be exact to fp32 precision.
+    """
+    b, t = 2, 4096
+    r, _, s, _, v, _ = _batch(21, b, t, p_step=0.02)
+    m = torch.ones(b, t, dtype=torch.bool)
+    m[1, :100] = False
+    m[1, -300:] = False
+    holes = m.clone()
+    holes[0, 1000:1010] = False
+    for mask, kw in ((m, {"values": v}), (m, {"step_ids": s}), (holes, {"values": v}), (holes, {"step_ids": s})):
+        adv, ret = segmented_gae(r, mask, gamma=1.0, lam=gl, **kw)
+        ar, rr = sgae_ref(r.double(), mask, gamma=1.0, lam=gl, **kw)
+        torch.testing.assert_close(adv.double(), ar, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ret.double(), rr, rtol=1e-5, atol=1e-5)
+
+
+def test_sgae_non_contiguous_inputs():
+    r, m, s, _, v, se = _batch(8, 3, 40)
+
+    def strided(x: torch.Tensor) -> torch.Tensor:  # same values, column-major strides
+        return x.T.contiguous().T
+
+    assert not strided(r).is_contiguous()
+    for mask in (m, _padding_only_mask(1, 3, 40)):
+        for kw in ({"step_ids": s, "values": v, "seq_ends": se}, {"values": v}):
+            adv, ret = segmented_gae(strided(r), strided(mask), **{k: strided(x) for k, x in kw.items()})
+            ar, rr = sgae_ref(r, mask, **kw)
+            torch.testing.assert_close(adv.double(), ar, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ret.double(), rr, rtol=1e-5, atol=1e-5)
