@@ -197,6 +197,12 @@ def transformer_config_from_hf(
         attention_softmax_in_fp32=True,
         # CPU: the P2P sync is a torch.cuda.synchronize (research/megatron_cpu.md step 4).
         batch_p2p_sync=not on_cpu,
+        # Interleaved PP=2: next and previous stage are the same peer, and the batched P2P path posts
+        # [send_prev(grad), send_next(act)] against the peer's [recv_prev(act), recv_next(grad)]; matched in
+        # posting order, the same-shaped activation and gradient swap silently once the steady state
+        # sends both (>pp micro-batches; wrong loss and grads, measured on gloo). megatron's unbatched path
+        # orders by rank parity and uses two groups for PP=2, which is correct.
+        batch_p2p_comm=not (parallel.pp == 2 and vpp > 1),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -16,6 +16,7 @@ gradient averaging over DP. The reported ``loss`` is exactly the global-batch lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -353,7 +354,8 @@ class MegatronPolicy:
         loss="policy": clipped surrogate (per-sample eps_low/eps_high [B]); loss_kwargs: agg, dual_clip,
         norm_length, temperature, tis_cap (with rollout_logprobs), kl_coef (with ref_logprobs).
         loss="sft": NLL of the loss_mask tokens, token-mean over the global batch.
-        A non-finite loss skips the optimizer step (``skipped`` = 1.0) and leaves the weights unchanged.
+        A non-finite loss or gradient norm skips the optimizer step (``skipped`` = 1.0, ``grad_norm`` reported
+        as computed) and leaves the weights and the Adam state unchanged.
         """
         if loss not in ("policy", "sft"):
             raise ValueError(f"loss must be 'policy' or 'sft', got {loss!r}")
@@ -378,15 +380,41 @@ class MegatronPolicy:
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
             return {**metrics, "grad_norm": float("nan"), "lr": self.lr, "skipped": 1.0}
-        ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm = self._optimizer_step()
         if ok:
             self.steps_done += 1
-        return {
-            **metrics,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": self.lr,
-            "skipped": 0.0 if ok else 1.0,
-        }
+        else:
+            for m in self.model:
+                m.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            if dist.get_rank() == 0:
+                print(f"[backend] non-finite gradient norm ({grad_norm}): optimizer step skipped", flush=True)
+        return {**metrics, "grad_norm": grad_norm, "lr": self.lr, "skipped": 0.0 if ok else 1.0}
+
+    def _optimizer_step(self) -> tuple[bool, float]:
+        """megatron's ``optimizer.step()`` split into its phases, so a non-finite grad norm skips the update.
+
+        megatron (bf16/fp32, no loss scaler) would clip by a NaN norm (a no-op) and let Adam write NaN into
+        every weight. Same phases and the same global norm as ``ChainedOptimizer.step``: copy grads to the
+        main params, one norm over all sub-optimizers (all-reduced over the model-parallel and distributed-
+        optimizer groups, so every rank takes the same branch), clip by it, step. Returns (stepped, norm).
+        """
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        opt = self.optimizer
+        if opt.prepare_grads():  # inf/nan found by a loss scaler (fp16 only; bf16/fp32 have none)
+            return False, float("nan")
+        grad_norm = float(opt.get_grad_norm())
+        if not math.isfinite(grad_norm):
+            return False, grad_norm
+        clip = self.optim_config.clip_grad
+        if clip > 0.0:
+            for sub in getattr(opt, "chained_optimizers", None) or [opt]:
+                params = sub.get_parameters()
+                if params:
+                    decoupled = sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+                    clip_grad_by_total_norm_fp32(params, clip, grad_norm, decoupled)
+        return bool(opt.step_with_ready_grads()), grad_norm
 
     @property
     def lr(self) -> float:

@@ -2,137 +2,30 @@
 
 One launch runs every scenario (process start-up + `import megatron` dominate the cost). The reference on
 each rank is the HF transformers model with the same weights, run on the *whole* global batch in one
-process: log-probs, the policy / SFT loss (scpo_kernels.policy_loss on the full batch) and its gradients.
-Megatron gradients are mapped to HF names with the convert package's streaming export.
+process (``backend_ref.py``). bf16, sequence parallelism, virtual pipeline, the non-finite-grad skip and the
+step-0 DistOpt save are in ``test_backend_features.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
+from backend_ref import VOCAB, add_old_logprobs, make_batch, reference
+from backend_ref import check_grads as _check_grads
+from backend_ref import make_policy as _policy
 from dist_utils import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-VOCAB, S, B = 250, 12, 4
-
-
-def _hf_cfg(kind: str):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    if kind == "qwen3":
-        return Qwen3Config(head_dim=24, tie_word_embeddings=False, **common)
-    if kind == "qwen2":
-        return Qwen2Config(tie_word_embeddings=True, **common)
-    return LlamaConfig(tie_word_embeddings=False, **common)
-
-
-def _hf_model(cfg):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(cfg).float()
-    with torch.no_grad():  # non-trivial norms / biases so their mapping and grads matter
-        for n, p in m.named_parameters():
-            if "norm" in n or "bias" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return m
-
-
-def _batch() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (B, S), generator=g)
-    am = torch.ones(B, S, dtype=torch.long)
-    am[1, 9:] = 0  # right padding
-    am[3, 6:] = 0
-    lm = am.clone()
-    lm[:, :4] = 0  # prompt tokens
-    lm[2, 4:] = 0  # a sample with no response tokens
-    lm[2, 10] = 1
-    return dict(
-        input_ids=ids, attention_mask=am, loss_mask=lm,
-        advantages=torch.randn(B, S, generator=g), eps_low=torch.tensor([0.1, 0.2, 0.15, 0.3]),
-        eps_high=torch.tensor([0.2, 0.28, 0.25, 0.3]),
-    )
-
-
-def _hf_logprobs(model, ids, am):
-    logits = model(input_ids=ids, attention_mask=am).logits.float()
-    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-    return torch.cat([torch.zeros(ids.shape[0], 1), lp], 1) * am
-
-
-def _reference(kind: str, batch: dict, agg: str, loss: str):
-    """Full-batch HF forward/backward: (logprobs, loss, {hf_name: grad})."""
-    from megatron_scpo.backend.logprobs import policy_loss
-
-    model = _hf_model(_hf_cfg(kind))
-    lp = _hf_logprobs(model, batch["input_ids"], batch["attention_mask"])
-    mask = batch["loss_mask"].float()
-    if loss == "sft":
-        value = -(lp * mask).sum() / mask.sum()
-    else:
-        value, _ = policy_loss(lp, batch["old_logprobs"], batch["advantages"], mask, batch["eps_low"],
-                               batch["eps_high"], agg=agg)
-    value.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    return lp.detach(), float(value), grads, model
-
-
-@contextlib.contextmanager
-def _params_as_grads(policy):
-    """Temporarily expose DDP main_grad as parameter data so the HF export streams gradients."""
-    saved = []
-    for m in policy.modules():
-        for p in m.parameters():
-            saved.append((p, p.data))
-            p.data = p.main_grad.to(p.dtype).view_as(p)
-    try:
-        yield
-    finally:
-        for p, d in saved:
-            p.data = d
-
-
-def _check_grads(policy, ref_grads, tag, metrics, clip=1.0):
-    """Megatron grads (clipped in place by the optimizer step) vs the HF grads clipped the same way."""
-    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in ref_grads.values())).item()
-    assert abs(metrics["grad_norm"] - norm) < 1e-5 * max(norm, 1.0), (tag, metrics["grad_norm"], norm)
-    coeff = min(1.0, clip / (norm + 1e-6))
-    with _params_as_grads(policy):
-        got = dict(policy.named_hf_parameters())
-    assert set(got) <= set(ref_grads), (tag, sorted(set(got) - set(ref_grads)))
-    worst = max((got[n] - coeff * ref_grads[n]).abs().max().item() for n in got)
-    scale = max(g.abs().max().item() for g in ref_grads.values())
-    assert worst <= 2e-5 * max(scale, 1.0), (tag, worst, scale)
-    return worst
-
-
-def _policy(kind, tp, pp, distopt=True, mbs=1, lr=1e-2):
-    from megatron_scpo.backend.config import ParallelConfig
-    from megatron_scpo.backend.policy import MegatronPolicy
-
-    optim = SimpleNamespace(lr=lr, weight_decay=0.01, clip_grad=1.0)
-    par = ParallelConfig(tp=tp, pp=pp, use_distributed_optimizer=distopt)
-    pol = MegatronPolicy(_hf_cfg(kind), par, optim, micro_batch_size=mbs, seed=7)
-    pol.load_hf_weights(_hf_model(_hf_cfg(kind)).state_dict())
-    return pol
 
 
 def _scenarios(rank: int, world: int, tmp: str) -> None:
     from megatron_scpo.backend.policy import BatchError
 
-    batch = _batch()
-    lp0, _, _, _ = _reference("qwen3", batch, "token-mean", "sft")
-    batch["old_logprobs"] = lp0 + 0.1 * torch.randn(B, S, generator=torch.Generator().manual_seed(2)) * batch[
-        "attention_mask"]
-    lp_ref, loss_ref, grads_ref, _ = _reference("qwen3", batch, "token-mean", "policy")
+    batch = make_batch()
+    add_old_logprobs(batch)
+    lp_ref, loss_ref, grads_ref, _ = reference("qwen3", batch, "token-mean", "policy")
 
     # --- TP=2, Qwen3 (q/k norm, untied, padded vocab 256 split 128/128), DistOpt, 2 micro-batches
     pol = _policy("qwen3", tp=2, pp=1, mbs=2)
@@ -185,7 +78,7 @@ def _scenarios(rank: int, world: int, tmp: str) -> None:
     assert pol.train_step(batch, "policy")["loss"] == m2["loss"]
 
     # --- PP=2 with tied embeddings (Qwen2: qkv bias), SFT loss: the embedding group all-reduce
-    lp_ref2, sft_ref, grads_ref2, _ = _reference("qwen2", batch, "token-mean", "sft")
+    lp_ref2, sft_ref, grads_ref2, _ = reference("qwen2", batch, "token-mean", "sft")
     pol = _policy("qwen2", tp=1, pp=2, mbs=2)
     m = pol.train_step(batch, "sft")
     assert abs(m["loss"] - sft_ref) < 1e-5
@@ -193,7 +86,7 @@ def _scenarios(rank: int, world: int, tmp: str) -> None:
 
     # --- DP=2 (Llama), seq-mean-token-mean: each rank gets half the batch with unequal token counts;
     # the loss must be the global-batch aggregate, not the mean of per-rank means.
-    _, loss_ref3, grads_ref3, _ = _reference("llama", batch, "seq-mean-token-mean", "policy")
+    _, loss_ref3, grads_ref3, _ = reference("llama", batch, "seq-mean-token-mean", "policy")
     norms = []
     for distopt in (False, True):
         pol = _policy("llama", tp=1, pp=1, distopt=distopt, mbs=1)
