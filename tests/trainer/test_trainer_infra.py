@@ -178,3 +178,19 @@ def test_method_state_survives_json_checkpoint(tmp_path):
     back.load_state_dict(mgr.load(mgr.latest(), restore_rng=False)["method_state"])
     assert back.state_dict() == json.loads(json.dumps(method.state_dict()))
     assert back.prepare_prompt("Q <think>", "a") != "Q <think>"  # stage 2 states the learned budget
+
+
+def test_scpo_eval_on_an_hf_dir(tmp_path):
+    """`scpo eval --hf DIR`: no Megatron, writes eval/<label>.json with the synthetic-task columns."""
+    from megatron_scpo.data.tiny_model import init_tiny_model
+    from megatron_scpo.trainer.evaluate import main as eval_main
+
+    model = init_tiny_model(tmp_path / "m", seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                            head_dim=32)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {source: synthetic, template: synthetic, synthetic: {n_eval: 4}}\n"
+                   "rollout: {max_new_tokens: 12}\neval: {n_prompts: 3, n_samples: 2, pass_k: [1, 2]}\n")
+    assert eval_main([str(cfg), "--hf", str(model), "--label", "tiny", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "eval" / "tiny.json").read_text())
+    assert res["n_prompts"] == 3 and res["n_samples"] == 6 and set(res["pass@k"]) == {"1", "2"}
+    assert res["mean_tokens"] <= 12 and "critical_tokens" in res and "per_difficulty" in res
