@@ -61,7 +61,28 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError(f"model.hf_path: {cfg.model.hf_path}/config.json not found")
     if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang_urls and cfg.model.hf_path is None:
         raise ConfigError("rollout.engine: sglang needs model.hf_path (servers load it) or rollout.sglang_urls")
+    check_prompt_lengths(cfg, train + evals)
     return {"train": train, "eval": evals}
+
+
+def check_prompt_lengths(cfg: ExperimentConfig, records: list[Any]) -> None:
+    """Every prompt must fit data.max_prompt_tokens (BOS included): fail in seconds, not mid-run."""
+    from megatron_scpo.data.datasets import encode_prompts
+    from megatron_scpo.data.tokenizer import build_tokenizer, load_tokenizer
+
+    if cfg.model.hf_path is None:
+        tok = build_tokenizer()
+    else:
+        try:
+            tok = load_tokenizer(cfg.model.hf_path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.hf_path: cannot load a tokenizer from {cfg.model.hf_path}: {e}") from None
+    bos = 1 if tok.bos_token_id is not None else 0
+    try:
+        encode_prompts(records, tok, cfg.data.template, cfg.data.max_prompt_tokens - bos)
+    except ValueError as e:
+        note = " (one token of data.max_prompt_tokens is reserved for BOS)" if bos else ""
+        raise ConfigError(f"{e}{note}") from None
 
 
 # ------------------------------------------------------------------------------------------- runtime
