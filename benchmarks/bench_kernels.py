@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py                 # every case, prints a markdown table
     python benchmarks/bench_kernels.py --quick         # skip the N=8192 x V=151936 cases
+    python benchmarks/bench_kernels.py --only gae      # only the cases whose label contains "gae"
     python benchmarks/bench_kernels.py --case logprobs:naive:8192:151936:bf16   # one case, prints JSON
 
 On CUDA the "ours" rows run the Triton kernels (timed with ``triton.testing.do_bench``, memory from
@@ -126,6 +127,8 @@ def _gae_case(impl: str, b: int, t: int, mode: str, device: str):
     g = torch.Generator(device=device).manual_seed(0)
     mask = torch.ones(b, t, dtype=torch.bool, device=device)
     mask[:, -t // 8 :] = False  # some right padding
+    if mode == "token_holes":  # masked tokens inside responses (as with tool output in multi-turn rollouts)
+        mask &= torch.rand(b, t, device=device, generator=g) > 0.1
     v = torch.randn(b, t, device=device, generator=g) * mask
     step_ids = torch.cumsum((torch.rand(b, t, device=device, generator=g) < 0.02).long(), 1)
     if mode == "sgae":  # step rewards sit on each step's last token (the documented convention)
@@ -138,7 +141,12 @@ def _gae_case(impl: str, b: int, t: int, mode: str, device: str):
         gamma, lam = 0.99, 0.95
 
     def loop() -> torch.Tensor:
-        """Per-timestep Python loop vectorized over B, as usually written (verl-style for token GAE)."""
+        """The baseline: a per-timestep Python loop over T, vectorized over B, as usually written.
+
+        Token GAE is verl's ``compute_gae_advantage_return`` loop (masked tokens carry the next value
+        and the running advantage through); S-GAE is the same loop advancing the discount only where
+        the step id changes.
+        """
         adv = torch.zeros(b, t, device=device)
         acc = torch.zeros(b, device=device)
         if mode == "sgae":
@@ -205,8 +213,10 @@ def cases(quick: bool) -> list[tuple[str, str, str, int, int]]:
          "logprobs:ours_inplace:1024:151936:bf16", 2, 3),
         ("LM-head+log-probs fwd+bwd N=2048 V=151936 H=256 bf16", "linear:naive:2048:151936:256:bf16",
          "linear:ours:2048:151936:256:bf16", 1, 6),
-        ("S-GAE scan B=64 T=8192 (steps ~50 tokens)", "gae:loop:64:8192:sgae", "gae:ours:64:8192:sgae", 3, 1),
-        ("token GAE + critic B=64 T=8192", "gae:loop:64:8192:token", "gae:ours:64:8192:token", 3, 1),
+        ("S-GAE scan B=64 T=8192 (steps ~50 tokens)", "gae:loop:64:8192:sgae", "gae:ours:64:8192:sgae", 5, 1),
+        ("token GAE + critic B=64 T=8192", "gae:loop:64:8192:token", "gae:ours:64:8192:token", 5, 1),
+        ("token GAE + critic B=64 T=8192, 10% tokens masked inside", "gae:loop:64:8192:token_holes",
+         "gae:ours:64:8192:token_holes", 5, 1),
     ]
     if not quick:
         out += [
@@ -250,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="skip the N=8192 cases")
     ap.add_argument("--json", help="also write all results to this file")
+    ap.add_argument("--only", help="run only the cases whose label contains this text (case-insensitive)")
     args = ap.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats)))
@@ -257,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, results = [], []
     naive_cache: dict[str, dict] = {}
     for label, naive, ours, reps, need_gib in cases(args.quick):
+        if args.only and args.only.lower() not in label.lower():
+            continue
         if need_gib > _mem_available_gib():
             rows.append(f"| {label} | skipped: needs ~{need_gib} GiB free RAM | | | | | |")
             continue

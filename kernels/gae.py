@@ -171,22 +171,44 @@ def _no_holes(valid: torch.Tensor) -> bool:
     return bool((rising <= 1).all())
 
 
-def _dense_token_gae(rewards, valid, values, gamma: float, gl: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-level GAE when rows have no holes and no packing: one discounted suffix sum over [B, T].
+def _token_scan(r: torch.Tensor, v: torch.Tensor | None, gamma: float, gl: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level GAE on [B, T] rows whose valid tokens are consecutive: one discounted suffix sum.
 
-    Every valid token is a step and its successor is the next column, so the scan runs on the padded
-    layout directly: padding carries delta = 0 (adds nothing to the tokens before it) and is zeroed.
+    ``r``/``v`` must be 0 on padding. Every valid token's successor is the next column, so padding
+    after a row's tokens (delta = 0) adds nothing; the caller zeroes outputs on padding before them.
     """
-    delta = torch.where(valid, rewards.to(dtype), 0.0)
-    v = None
-    if values is not None:
-        v = torch.where(valid, values.to(dtype), 0.0)
-        delta -= v
+    delta = r if v is None else r - v
+    if v is not None:
         delta[:, :-1].add_(v[:, 1:], alpha=gamma)
     adv = discounted_suffix_sum(delta, gl, _DENSE_BLOCK)
-    if not bool(valid[:, 0].all()):  # left padding (or empty rows) collects the row's sum: zero it
-        adv.masked_fill_(~valid, 0.0)
     return adv, (adv.clone() if v is None else adv + v)
+
+
+def _dense_token_gae(rewards, valid, values, gamma: float, gl: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level GAE (no packing) on the dense layout; rows with masked holes are left-aligned first.
+
+    Left-aligning each row's valid tokens (one cumsum, one scatter per input, one gather per output)
+    makes them consecutive and zero-padded, so the hole-free scan applies without any masking.
+    """
+    if _no_holes(valid):
+        v = None if values is None else torch.where(valid, values.to(dtype), 0.0)
+        adv, ret = _token_scan(torch.where(valid, rewards.to(dtype), 0.0), v, gamma, gl)
+        if not bool(valid[:, 0].all()):  # left padding (or empty rows) collects the row's sum: zero it
+            adv.masked_fill_(~valid, 0.0)
+            ret.masked_fill_(~valid, 0.0)
+        return adv, ret
+    bsz, t = valid.shape
+    dest = valid.cumsum(1).mul_(valid)  # 1 + compacted column of each valid token; masked tokens -> spare column 0
+
+    def compact(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(bsz, t + 1, device=x.device, dtype=dtype).scatter_(1, dest, x.to(dtype))[:, 1:]
+
+    def expand(x: torch.Tensor) -> torch.Tensor:  # spare column = 0 -> masked tokens get 0
+        return torch.nn.functional.pad(x, (1, 0)).gather(1, dest)
+
+    adv, ret = _token_scan(compact(rewards), None if values is None else compact(values), gamma, gl)
+    adv = expand(adv)
+    return adv, (adv.clone() if values is None else expand(ret))
 
 
 def segmented_gae(
@@ -239,7 +261,7 @@ def segmented_gae(
         raise ValueError(f"block_t must be a power of 2, got {block_t}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     gl = float(gamma) * float(lam)
-    if which == "torch" and step_ids is None and boundaries is None and seq_ends is None and _no_holes(valid):
+    if which == "torch" and step_ids is None and boundaries is None and seq_ends is None:
         return _dense_token_gae(rewards, valid, values, float(gamma), gl, dtype)
     bnd = None if boundaries is None else boundaries.bool()
     ends = None if seq_ends is None else seq_ends.bool()
