@@ -452,12 +452,11 @@ class MegatronPolicy:
 
     def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
         model_sd = self._model_sharded_state_dict()
-        flat_model_sd: dict[str, Any] = {}
-        for v in model_sd.values():
-            flat_model_sd.update(v)
         sd = dict(model_sd)
         metadata = {"distrib_optim_sharding_type": self.ckpt_optim_sharding}
-        sd["optimizer"] = self.optimizer.sharded_state_dict(flat_model_sd, is_loading=is_loading, metadata=metadata)
+        # Nested per chunk, as Megatron-LM passes it: the chunks' *local* keys collide under VPP (every chunk
+        # has decoder.layers.0...), so a flattened dict would silently drop all but the last chunk's params.
+        sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
         return sd
 
     def _rng_state(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ One launch, four scenarios, each against a reference computed another way:
 
 - TP=2 + SP (Qwen3, q/k norm) vs TP=2 without SP and vs the full-batch HF model; a NaN injected into one
   rank's backward must skip the step on both ranks and leave weights and Adam state untouched.
-- PP=2 x VPP=2 (interleaved 1F1B, Qwen2 tied embeddings, 4 layers) vs the HF model and vs a PP=1 run.
+- PP=2 x VPP=2 (interleaved 1F1B with 4 micro-batches, Qwen2 tied embeddings, 4 layers) vs the HF model and
+  vs a PP=1 run; the VPP checkpoint after one step, loaded at PP=1 x DP=2, gives the same next step.
 - bf16 (Float16Module, fp32 main params in the DistOpt) at DP=2 vs the fp32 HF model; save/load into a
   fresh policy resumes bit-exactly (fp32 main params restored, not re-derived from the bf16 weights).
 - fp32 DP=2 DistOpt: save before the first optimizer step, load into a freshly initialized policy, step:
@@ -99,7 +100,7 @@ def _sp_and_nonfinite(rank: int, batch: dict) -> dict:
     return out
 
 
-def _vpp(rank: int) -> dict:
+def _vpp(rank: int, tmp: str) -> dict:
     batch = make_batch()
     add_old_logprobs(batch, "qwen2", layers=4)
     lp_ref, loss_ref, grads_ref, _ = reference("qwen2", batch, "token-mean", "policy", layers=4)
@@ -108,16 +109,20 @@ def _vpp(rank: int) -> dict:
     lp = pol.compute_logprobs(batch["input_ids"], batch["attention_mask"], micro_batch_size=2)
     m1 = pol.train_step(batch, "policy")
     check_grads(pol, grads_ref, "vpp", m1)
+    ck = os.path.join(tmp, "vpp")
+    pol.save_checkpoint(ck)
     m2 = pol.train_step(batch, "policy")
 
     flat = make_policy("qwen2", layers=4, mbs=1)  # PP=1 (DP=2: half the batch per rank)
-    f1, f2 = flat.train_step(_half(batch, rank), "policy"), flat.train_step(_half(batch, rank), "policy")
+    f1 = flat.train_step(_half(batch, rank), "policy")
+    flat.load_checkpoint(ck)  # VPP chunks -> one model, optimizer resharded to DP=2
+    f2 = flat.train_step(_half(batch, rank), "policy")
     out = {
         "vpp_lp_vs_hf": (lp - lp_ref).abs().max().item(),
         "vpp_loss1_vs_hf": abs(m1["loss"] - loss_ref),
         "vpp_loss1": abs(m1["loss"] - f1["loss"]),
         "vpp_norm1": abs(m1["grad_norm"] - f1["grad_norm"]),
-        "vpp_loss2": abs(m2["loss"] - f2["loss"]),
+        "vpp_loss2": abs(m2["loss"] - f2["loss"]),  # after an Adam update, resumed at PP=1
     }
     assert out["vpp_lp_vs_hf"] < 1e-5 and out["vpp_loss1_vs_hf"] < 1e-5, out
     assert out["vpp_loss1"] < 1e-6 and out["vpp_norm1"] < 1e-5 and out["vpp_loss2"] < 1e-6, out
@@ -189,7 +194,7 @@ def _features(rank: int, world: int, tmp: str) -> None:
     add_old_logprobs(batch)
     out = {}
     out.update(_sp_and_nonfinite(rank, batch))
-    out.update(_vpp(rank))
+    out.update(_vpp(rank, tmp))
     out.update(_bf16(rank, batch, tmp))
     out.update(_distopt_step0(rank, tmp))
     if rank == 0:
