@@ -6,8 +6,8 @@ One launch, four scenarios, each against a reference computed another way:
   rank's backward must skip the step on both ranks and leave weights and Adam state untouched.
 - PP=2 x VPP=2 (interleaved 1F1B with 4 micro-batches, Qwen2 tied embeddings, 4 layers) vs the HF model and
   vs a PP=1 run; the VPP checkpoint after one step, loaded at PP=1 x DP=2, gives the same next step.
-- bf16 (Float16Module, fp32 main params in the DistOpt) at DP=2 vs the fp32 HF model; save/load into a
-  fresh policy resumes bit-exactly (fp32 main params restored, not re-derived from the bf16 weights).
+- bf16 (Float16Module, fp32 main params in the DistOpt) at DP=2 and PP=2 vs the fp32 HF model; save/load
+  into a fresh policy resumes bit-exactly (fp32 main params restored, not re-derived from the bf16 weights).
 - fp32 DP=2 DistOpt: save before the first optimizer step, load into a freshly initialized policy, step:
   equals the uninterrupted run; an inf gradient on one DP rank only is skipped by both.
 """
@@ -150,7 +150,17 @@ def _bf16(rank: int, batch: dict, tmp: str) -> dict:
     assert 0 < out["bf16_lp_vs_hf"] < BF16_LP_TOL, out  # > 0: really computed in bf16
     assert out["bf16_loss_rel"] < BF16_LOSS_RTOL and out["bf16_norm_rel"] < BF16_NORM_RTOL, out
     assert m1["skipped"] == 0.0
+    pp = make_policy("qwen3", pp=2, dtype="bfloat16", mbs=2)  # bf16 activations/grads over P2P
+    lp_pp = pp.compute_logprobs(batch["input_ids"], batch["attention_mask"])
+    p1 = pp.train_step(batch, "policy")
+    out["bf16_pp2_lp_vs_hf"] = (lp_pp - lp_ref).abs().max().item()
+    out["bf16_pp2_loss_rel"] = abs(p1["loss"] - loss_ref) / abs(loss_ref)
+    out["bf16_pp2_norm_rel"] = abs(p1["grad_norm"] - norm_ref) / norm_ref
+    assert 0 < out["bf16_pp2_lp_vs_hf"] < BF16_LP_TOL, out
+    assert out["bf16_pp2_loss_rel"] < BF16_LOSS_RTOL and out["bf16_pp2_norm_rel"] < BF16_NORM_RTOL, out
 
+    pol = make_policy("qwen3", dtype="bfloat16", mbs=1)  # DP=2 again: one step, then the round trip
+    assert pol.train_step(_half(batch, rank), "policy")["loss"] == m1["loss"]
     ck = os.path.join(tmp, "bf16")
     pol.save_checkpoint(ck)
     saved_mains = _main_params(pol)
