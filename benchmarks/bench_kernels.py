@@ -124,14 +124,17 @@ def _linear_case(impl: str, n: int, v: int, h: int, dtype: torch.dtype, device: 
 def _gae_case(impl: str, b: int, t: int, mode: str, device: str):
     from scpo_kernels import segmented_gae
 
+    if mode not in ("sgae", "sgae_holes", "token", "token_holes"):
+        raise ValueError(f"unknown GAE mode {mode!r}")
+    sgae = mode.startswith("sgae")
     g = torch.Generator(device=device).manual_seed(0)
     mask = torch.ones(b, t, dtype=torch.bool, device=device)
     mask[:, -t // 8 :] = False  # some right padding
-    if mode == "token_holes":  # masked tokens inside responses (as with tool output in multi-turn rollouts)
+    if mode.endswith("_holes"):  # masked tokens inside responses (as with tool output in multi-turn rollouts)
         mask &= torch.rand(b, t, device=device, generator=g) > 0.1
     v = torch.randn(b, t, device=device, generator=g) * mask
     step_ids = torch.cumsum((torch.rand(b, t, device=device, generator=g) < 0.02).long(), 1)
-    if mode == "sgae":  # step rewards sit on each step's last token (the documented convention)
+    if sgae:  # step rewards sit on each step's last token (the documented convention)
         is_end = torch.ones_like(mask)
         is_end[:, :-1] = step_ids[:, 1:] != step_ids[:, :-1]
         r = torch.randn(b, t, device=device, generator=g) * is_end * mask
@@ -149,7 +152,7 @@ def _gae_case(impl: str, b: int, t: int, mode: str, device: str):
         """
         adv = torch.zeros(b, t, device=device)
         acc = torch.zeros(b, device=device)
-        if mode == "sgae":
+        if sgae:
             nxt_sid = torch.full((b,), -1, device=device, dtype=torch.long)
             for i in reversed(range(t)):
                 m = mask[:, i]
@@ -169,7 +172,7 @@ def _gae_case(impl: str, b: int, t: int, mode: str, device: str):
         return adv
 
     def ours() -> torch.Tensor:
-        if mode == "sgae":
+        if sgae:
             return segmented_gae(r, mask, step_ids=step_ids, gamma=gamma, lam=lam)[0]
         return segmented_gae(r, mask, values=v, gamma=gamma, lam=lam)[0]
 
@@ -214,6 +217,8 @@ def cases(quick: bool) -> list[tuple[str, str, str, int, int]]:
         ("LM-head+log-probs fwd+bwd N=2048 V=151936 H=256 bf16", "linear:naive:2048:151936:256:bf16",
          "linear:ours:2048:151936:256:bf16", 1, 6),
         ("S-GAE scan B=64 T=8192 (steps ~50 tokens)", "gae:loop:64:8192:sgae", "gae:ours:64:8192:sgae", 5, 1),
+        ("S-GAE scan B=64 T=8192, 10% tokens masked inside", "gae:loop:64:8192:sgae_holes",
+         "gae:ours:64:8192:sgae_holes", 5, 1),
         ("token GAE + critic B=64 T=8192", "gae:loop:64:8192:token", "gae:ours:64:8192:token", 5, 1),
         ("token GAE + critic B=64 T=8192, 10% tokens masked inside", "gae:loop:64:8192:token_holes",
          "gae:ours:64:8192:token_holes", 5, 1),

@@ -184,31 +184,47 @@ def _token_scan(r: torch.Tensor, v: torch.Tensor | None, gamma: float, gl: float
     return adv, (adv.clone() if v is None else adv + v)
 
 
-def _dense_token_gae(rewards, valid, values, gamma: float, gl: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-level GAE (no packing) on the dense layout; rows with masked holes are left-aligned first.
+def _torch_gae(rewards, valid, step_ids, boundaries, seq_ends, values, gamma: float, gl: float, dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU production path: the cheapest exact formulation for the batch's layout.
 
-    Left-aligning each row's valid tokens (one cumsum, one scatter per input, one gather per output)
-    makes them consecutive and zero-padded, so the hole-free scan applies without any masking.
+    * Masked holes inside rows (no packing): left-align every row's valid tokens (one cumsum, one
+      scatter per input, one gather per output) and solve the hole-free problem: the same steps, and
+      far fewer runs than holes would cut.
+    * Token level, no packing: one discounted suffix sum over the padded [B, T] layout.
+    * Otherwise: steps from runs (``_decompose``) and a step-level scan.
     """
-    if _no_holes(valid):
+    bsz, t = valid.shape
+    if seq_ends is None and not _no_holes(valid):
+        dest = valid.cumsum(1).mul_(valid)  # 1 + left-aligned column of each valid token; masked -> spare column 0
+
+        def compact(x: torch.Tensor | None, dt: torch.dtype | None = None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            out = torch.zeros(bsz, t + 1, device=x.device, dtype=dt or x.dtype)
+            return out.scatter_(1, dest, x.to(out.dtype))[:, 1:]
+
+        def expand(x: torch.Tensor) -> torch.Tensor:  # spare column = 0 -> masked tokens get 0
+            return torch.nn.functional.pad(x, (1, 0)).gather(1, dest)
+
+        cvalid = torch.arange(t, device=valid.device) < valid.sum(1, keepdim=True)
+        adv, ret = _torch_gae(compact(rewards, dtype), cvalid, compact(step_ids), compact(boundaries), None,
+                              compact(values, dtype), gamma, gl, dtype)
+        adv = expand(adv)
+        return adv, (adv.clone() if values is None else expand(ret))
+    if step_ids is None and boundaries is None and seq_ends is None:
         v = None if values is None else torch.where(valid, values.to(dtype), 0.0)
         adv, ret = _token_scan(torch.where(valid, rewards.to(dtype), 0.0), v, gamma, gl)
         if not bool(valid[:, 0].all()):  # left padding (or empty rows) collects the row's sum: zero it
             adv.masked_fill_(~valid, 0.0)
             ret.masked_fill_(~valid, 0.0)
         return adv, ret
-    bsz, t = valid.shape
-    dest = valid.cumsum(1).mul_(valid)  # 1 + compacted column of each valid token; masked tokens -> spare column 0
-
-    def compact(x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(bsz, t + 1, device=x.device, dtype=dtype).scatter_(1, dest, x.to(dtype))[:, 1:]
-
-    def expand(x: torch.Tensor) -> torch.Tensor:  # spare column = 0 -> masked tokens get 0
-        return torch.nn.functional.pad(x, (1, 0)).gather(1, dest)
-
-    adv, ret = _token_scan(compact(rewards), None if values is None else compact(values), gamma, gl)
-    adv = expand(adv)
-    return adv, (adv.clone() if values is None else expand(ret))
+    st = _decompose(rewards, valid, step_ids, boundaries, seq_ends, values, gamma, dtype)
+    if st is None:
+        adv = torch.zeros(bsz, t, device=rewards.device, dtype=dtype)
+        return adv, adv.clone()
+    adv = _broadcast(_segmented_discount(st.delta, st.has_next, gl), st, (bsz, t))
+    return adv, (adv.clone() if st.v_first is None else adv + _broadcast(st.v_first, st, (bsz, t)))
 
 
 def segmented_gae(
@@ -261,27 +277,20 @@ def segmented_gae(
         raise ValueError(f"block_t must be a power of 2, got {block_t}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     gl = float(gamma) * float(lam)
-    if which == "torch" and step_ids is None and boundaries is None and seq_ends is None:
-        return _dense_token_gae(rewards, valid, values, float(gamma), gl, dtype)
     bnd = None if boundaries is None else boundaries.bool()
     ends = None if seq_ends is None else seq_ends.bool()
+    if which == "torch":
+        return _torch_gae(rewards, valid, step_ids, bnd, ends, values, float(gamma), gl, dtype)
     st = _decompose(rewards, valid, step_ids, bnd, ends, values, float(gamma), dtype)
     if st is None:
         adv = torch.zeros(shape, device=rewards.device, dtype=dtype)
         return adv, adv.clone()
-    if which == "triton":
-        from . import _triton_gae as tg
+    from . import _triton_gae as tg
 
-        count_launch("gae_scan")
-        coef = torch.ones(rewards.numel(), device=rewards.device)
-        coef[st.last_tok] = torch.where(st.has_next, gl, 0.0).float()
-        b = torch.zeros(rewards.numel(), device=rewards.device)
-        b[st.last_tok] = st.delta.float()
-        a_tok = tg.reverse_scan(coef.view(shape), b.view(shape), block_t).to(dtype)
-        adv = a_tok.masked_fill_(~valid, 0.0)
-    else:
-        a_step = _segmented_discount(st.delta, st.has_next, gl)
-        adv = _broadcast(a_step, st, shape)
-    if st.v_first is None:
-        return adv, adv.clone()
-    return adv, adv + _broadcast(st.v_first, st, shape)
+    count_launch("gae_scan")
+    coef = torch.ones(rewards.numel(), device=rewards.device)
+    coef[st.last_tok] = torch.where(st.has_next, gl, 0.0).float()
+    b = torch.zeros(rewards.numel(), device=rewards.device)
+    b[st.last_tok] = st.delta.float()
+    adv = tg.reverse_scan(coef.view(shape), b.view(shape), block_t).to(dtype).masked_fill_(~valid, 0.0)
+    return adv, (adv.clone() if st.v_first is None else adv + _broadcast(st.v_first, st, shape))
