@@ -18,8 +18,12 @@ Semantics (per row of a [B, T] batch; ``mask`` marks response tokens, everything
 
 The scan itself is a linear recurrence ``A_t = b_t + a_t A_{t+1}`` with ``b_t = delta_j`` and
 ``a_t = gamma*lam`` (0 at a sequence end) on each step's last token, ``a_t = 1, b_t = 0`` elsewhere.
-Triton scans that per row; the torch path compacts steps into [sequences, steps] and uses a blocked
-constant-coefficient discounted suffix sum (two small matmuls per level), which is fully vectorized.
+Triton scans that per row. The torch path (CPU production) never scans tokens: the advantage is
+constant within a step, so it reduces rewards to steps (one ``segment_reduce`` over runs), runs a
+blocked constant-coefficient discounted suffix sum over [sequences, steps] (K << T; two small matmuls
+per level, powers formed directly so gamma*lam = 0.5 underflows instead of overflowing), and
+broadcasts back once. Token-level GAE skips the step bookkeeping and runs that suffix sum on [B, T].
+Rows with masked holes are left-aligned first (see ``_torch_gae``).
 """
 
 from __future__ import annotations
