@@ -128,15 +128,20 @@ class ScpoConfig:
 
     correct:   r_j = (1 - k1*sigmoid((1-w_j) z(l_j))) * (1 - k2*sigmoid(z(L)))
     incorrect: r_j = -exp(-rho * (K - j) / k0)   (k0 = K when null)
+
+    The advantage default is the measured winner of the README ablation, not DESIGN.md's first choice:
+    ``split`` (A = A_outcome + len_coef * S-GAE over correct steps) with gamma*lam = 0.5. Summed ``s_gae``
+    did not compress (it pays a correct response once per step); ``split`` with gamma*lam = 1 collapsed
+    accuracy on 2 of 3 seeds. See docs/algorithms.md "Choice of the default advantage".
     """
 
     k1: float = 0.5
     k2: float = 0.5
     rho: float = 1.0
     k0: float | None = None
-    advantage: Literal["s_gae", "split", "critic"] = "s_gae"
+    advantage: Literal["s_gae", "split", "critic"] = "split"
     gamma: float = 1.0
-    lam: float = 0.5  # critic-free S-GAE decays by gamma*lam per step (0.5: horizon of a few steps)
+    lam: float = 0.5  # S-GAE decays by gamma*lam per step (0.5: horizon of a few steps; 1 was unstable with split)
     reduce: Literal["sum", "mean"] = "sum"  # mean: discounted average instead of discounted sum
     len_coef: float = 1.0  # split form: A = A_outcome + len_coef * A_len
     std_eps: float = 1e-6

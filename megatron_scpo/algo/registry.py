@@ -330,7 +330,7 @@ class CalibrationMethod(MethodBase):
 
 
 class ScpoMethod(MethodBase):
-    """SCPO (reconstructed): step rewards from importance-weighted step lengths, S-GAE / split / critic."""
+    """SCPO (reconstructed): step rewards from importance-weighted step lengths; split (default) / S-GAE / critic."""
 
     name = "scpo"
     needs_importance = True

@@ -103,6 +103,7 @@ def test_scpo_method_end_to_end():
 
     cfg = AlgoConfig(method="scpo")
     cfg.clip.adaptive = True
+    cfg.scpo.advantage = "s_gae"  # DESIGN.md's first choice, still selectable
     m = build_method(cfg)
     assert m.needs_importance
     r = scpo_batch()
@@ -140,6 +141,51 @@ def test_scpo_split_and_critic():
     # zero critic, gamma=1, lam=0.5: A_j = sum_m 0.5^(m-j) r_m
     sr = out.step_rewards[2]
     assert out.advantages[2, 0].item() == pytest.approx((sr[0] + 0.5 * sr[1] + 0.25 * sr[2]).item(), rel=1e-5)
+
+
+def test_scpo_default_is_the_measured_split_form():
+    """Pins the default (README ablation winner): split, gamma*lambda 0.5, summed, len_coef 1.
+
+    Hand-computed: one group, correct responses of one 2-token and one 6-token step (importance 1, so the
+    step-length term vanishes), one wrong response. Length reward r = 0.75 * (1 - 0.5 sigmoid(-+1)), normalized
+    among the two correct steps -> +-1 (population std); outcome GRPO on [1, 1, 0] -> 1/sqrt(3), 1/sqrt(3), -2/sqrt(3).
+    Summed s_gae would normalize over the wrong response's steps too and give different numbers.
+    """
+    from megatron_scpo.algo.config import ScpoConfig
+
+    d = ScpoConfig()
+    assert (d.advantage, d.gamma * d.lam, d.reduce, d.len_coef) == ("split", 0.5, "sum", 1.0)
+    step_ids = torch.tensor([[0, 0, -1, -1, -1, -1], [0, 0, 0, 0, 0, 0], [0, 1, 2, -1, -1, -1]])
+    r = GroupedRollouts(
+        group_ids=torch.zeros(3, dtype=torch.long), correct=torch.tensor([True, True, False]),
+        response_lengths=torch.tensor([2, 6, 3]), step_ids=step_ids, response_mask=step_ids >= 0,
+        truncated=torch.zeros(3, dtype=torch.bool), prompt_keys=["q"] * 3,
+        step_importance=[torch.ones(1), torch.ones(1), None],
+    )
+    out = build_method(AlgoConfig(method="scpo")).compute(r)
+    s3 = 3 ** -0.5
+    exp = torch.tensor([[s3 + 1, s3 + 1, 0, 0, 0, 0], [s3 - 1] * 6, [-2 * s3] * 3 + [0] * 3])
+    torch.testing.assert_close(out.advantages, exp.float(), rtol=1e-4, atol=1e-5)
+    # gamma*lambda 0.5 is the default too: the 6-token response as two 3-token steps (same L, same r per step).
+    # Correct-step rewards [ra], [rb, rb] normalize to sqrt(2), -1/sqrt(2), -1/sqrt(2); A_0 = rn_1 + 0.5 * rn_2.
+    r.step_ids = torch.tensor([[0, 0, -1, -1, -1, -1], [0, 0, 0, 1, 1, 1], [0, 1, 2, -1, -1, -1]])
+    r.step_importance = [torch.ones(1), torch.ones(2), None]
+    h = 2 ** -0.5
+    exp = torch.tensor([[s3 + 2 * h, 0, 0], [s3 - 1.5 * h, s3 - h, 0], [-2 * s3] * 3])
+    torch.testing.assert_close(build_method(AlgoConfig(method="scpo")).compute(r).step_advantages, exp.float(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_embedded_configs_use_the_library_scpo_default():
+    """tiny_cpu / compare_cpu rely on the default for the measured SCPO form (their explicit setting was removed)."""
+    from pathlib import Path
+
+    from megatron_scpo.algo.config import ScpoConfig
+    from megatron_scpo.config import load_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("tiny_cpu.yaml", "compare_cpu.yaml"):
+        assert load_config(root / name).algo.scpo == ScpoConfig(), name
 
 
 def test_lapo_stages_and_state_roundtrip():
@@ -212,6 +258,32 @@ def test_s_gae_step_count_bias_is_measured_not_assumed():
     for adv, lam, reduce in (("s_gae", 1.0, "mean"), ("s_gae", 0.5, "mean"), ("split", 0.5, "sum")):
         a = per_response(adv, lam, reduce)
         torch.testing.assert_close(a, a[:1].expand(4), msg=f"{adv} {lam} {reduce}")
+
+
+def test_split_length_term_vs_outcome_term_is_measured():
+    """Correct responses of 2, 4, 6, 8 ten-token steps (importance 1) and four wrong ones (docs table 2).
+
+    With gamma*lambda 1 the summed length advantage of the longest correct response outweighs the outcome term:
+    it ends below every wrong response (the README's accuracy collapse). The default (0.5) keeps correct > wrong
+    while still ranking shorter correct responses higher; summed s_gae barely separates lengths at all.
+    """
+    Ks, correct, S = [2, 4, 6, 8, 3, 3, 3, 3], [1, 1, 1, 1, 0, 0, 0, 0], 10
+    ids = torch.stack([torch.where(torch.arange(8 * S) < K * S, torch.arange(8 * S) // S, -1) for K in Ks])
+    r = GroupedRollouts(torch.zeros(8, dtype=torch.long), torch.tensor(correct, dtype=torch.bool),
+                        torch.tensor([K * S for K in Ks]), ids, ids >= 0, torch.zeros(8, dtype=torch.bool), ["q"] * 8,
+                        [torch.ones(K) if c else None for K, c in zip(Ks, correct)])
+
+    def per_response(adv, lam):
+        cfg = AlgoConfig(method="scpo")
+        cfg.scpo.advantage, cfg.scpo.lam = adv, lam
+        return build_method(cfg).compute(r).advantages.sum(1) / (ids >= 0).sum(1)
+
+    default = build_method(AlgoConfig(method="scpo")).compute(r).advantages.sum(1) / (ids >= 0).sum(1)
+    torch.testing.assert_close(default, per_response("split", 0.5))
+    assert (default[:4].diff() < 0).all() and default[:4].min() > default[4:].max()
+    assert per_response("split", 1.0)[3] < per_response("split", 1.0)[4:].min()
+    sg = per_response("s_gae", 0.5)
+    assert sg[:4].max() - sg[:4].min() < 0.3 < (default[:4].max() - default[:4].min()) / 10
 
 
 def test_bad_values_raise_clear_errors():
