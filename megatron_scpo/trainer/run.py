@@ -25,7 +25,7 @@ import yaml
 
 from megatron_scpo import configlib
 from megatron_scpo.config import ConfigError, ExperimentConfig, load_config
-from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info, prime_optimizer_state
+from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -203,7 +203,6 @@ class Pipeline:
         latest = rt.ckpt.latest()
         if latest is None:
             return False
-        prime_optimizer_state(rt.policy)
         st = rt.ckpt.load(latest, load_model=rt.policy.load_checkpoint)
         rt.global_step = int(st.pop("global_step"))
         self.state.update(st)

@@ -157,23 +157,3 @@ class Runtime:
 def make_barrier() -> Callable[[], None]:
     return barrier
 
-
-def prime_optimizer_state(policy: Any) -> None:
-    """Give a never-stepped optimizer zero Adam state (step 0) so a checkpoint can be loaded into it.
-
-    megatron-core 0.16.1's DistributedOptimizer.state_dict() asserts one shared ``step`` across params
-    without TE/Apex, which fails on an empty state: a fresh process resuming from a checkpoint hits it.
-    Values are overwritten by the load; only the structure matters. (Backend issue; reported.)
-    """
-    opt = policy.optimizer
-    for sub in getattr(opt, "chained_optimizers", None) or [opt]:
-        inner = getattr(sub, "optimizer", None)
-        if inner is None:
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                st = inner.state[p]
-                if "step" not in st:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    st.setdefault("exp_avg", torch.zeros_like(p.data))
-                    st.setdefault("exp_avg_sq", torch.zeros_like(p.data))

@@ -29,7 +29,7 @@ data:
   synthetic: {n_train: 16, n_eval: 4, max_ops: 2}
 warmstart: {enabled: true, steps: 2, batch_size: 4, micro_batch_size: 4, lr: 1.0e-3, warmup_steps: 0, log_every: 1}
 rollout: {n_samples: 3, max_new_tokens: 16, check_num_sequences: 1, check_seq_len: 8}
-algo: {method: scpo, segmentation: {min_step_tokens: 1}}
+algo: {method: scpo, segmentation: {min_step_tokens: 1}, scpo: {advantage: s_gae}}  # all-wrong groups still train
 optim: {lr: 1.0e-3}
 rl: {steps: 6, prompts_per_step: 3, micro_batch_size: 3, mini_batches: 1}
 eval: {enabled: false}
