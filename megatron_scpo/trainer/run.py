@@ -6,6 +6,8 @@ method starts from the same snapshot ``rl_start``), then the report. Everything 
 with the inputs (config, data files, method names, tokenizer/prompt lengths) is checked before Megatron
 is imported. Restarting with the same run dir resumes from the newest complete checkpoint: model,
 optimizer, RNG, data position, method state (LAPO length map), step counters and the metrics file.
+SIGTERM or ``$SCPO_STOP_FILE`` (preempt.py): the current step finishes, stage 2 writes a checkpoint of
+exactly that position, and the process exits with 143 (SFT phases restart from their previous snapshot).
 Works single-process and under torchrun (rank 0 owns the rollout engine, see runtime.py).
 """
 
@@ -25,6 +27,7 @@ import yaml
 
 from megatron_scpo import configlib
 from megatron_scpo.config import ConfigError, ExperimentConfig, load_config
+from megatron_scpo.trainer.preempt import PREEMPTED_EXIT_CODE, Preempted, StopRequest
 from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info
 
 
@@ -183,10 +186,11 @@ def label_of(phase: str) -> str:
 class Pipeline:
     """Runs the phases with checkpoints; ``state`` is what trainer_state.json holds."""
 
-    def __init__(self, rt: Runtime, data: dict[str, Any]):
+    def __init__(self, rt: Runtime, data: dict[str, Any], stop: StopRequest | None = None):
         self.rt = rt
         self.cfg = rt.cfg
         self.data = data
+        self.stop = stop or StopRequest(rt.rank)
         self.state: dict[str, Any] = {"done": [], "phase": None, "rl_step": 0, "data": None, "method_state": None}
         self.baseline: dict[str, Any] | None = None
 
@@ -228,6 +232,7 @@ class Pipeline:
         for phase in phases_of(self.cfg):
             if phase in self.state["done"]:
                 continue
+            self._check_stop("before " + phase)  # the newest checkpoint already holds this position
             self.state["phase"] = phase
             if phase == "warmstart":
                 self.warmstart()
@@ -252,10 +257,19 @@ class Pipeline:
                 self.baseline = res
         barrier()
 
+    def _check_stop(self, where: str) -> None:
+        """Collective stop decision; raise Preempted (the caller has checkpointed the current position)."""
+        if self.stop.poll():
+            if self.rt.is_main:
+                print(f"[stop] stopping {where} (global_step={self.rt.global_step}); restart with the same run dir "
+                      f"to resume", flush=True)
+            raise Preempted(where)
+
     def _finish(self, phase: str) -> None:
         self.state["done"] = [*self.state["done"], phase]
         self.state.update(phase=None, rl_step=0, data=None, method_state=None)
         self._save(snapshot=label_of(phase))
+        self._check_stop(f"after {phase}")  # a resume redoes the skipped evaluation (see run())
         self._eval(label_of(phase))
 
     def warmstart(self) -> None:
@@ -265,7 +279,7 @@ class Pipeline:
         pairs = trace_pairs(self.rt, self.data["train"], c.trace)
         sft_train(self.rt, pairs, steps=c.steps, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
                   lr=c.lr, warmup_steps=c.warmup_steps, seed=self.cfg.rl.seed, stage="warmstart",
-                  log_every=c.log_every)
+                  log_every=c.log_every, stop=self.stop)
         self.rt.sync_weights()
         self._finish("warmstart")
 
@@ -282,7 +296,7 @@ class Pipeline:
             steps = max(1, math.ceil(len(pairs) * c.epochs / c.batch_size))
             sft_train(self.rt, pairs, steps=steps, batch_size=min(c.batch_size, len(pairs)),
                       micro_batch_size=c.micro_batch_size, lr=c.lr, warmup_steps=0, seed=self.cfg.rl.seed,
-                      stage="stage1", log_every=max(1, steps // 5))
+                      stage="stage1", log_every=max(1, steps // 5), stop=self.stop)
             self.rt.sync_weights()
         elif self.rt.is_main:
             print("[stage1] no verified-correct samples: stage 1 SFT skipped", flush=True)
@@ -319,9 +333,14 @@ class Pipeline:
             metrics = rl_step(rt, method, records, step, seed=c.seed * 100003 + step)
             rt.global_step += 1
             rt.logger.log(stage, step + 1, metrics)
-            if self.cfg.checkpoint.interval and (step + 1) % self.cfg.checkpoint.interval == 0 and step + 1 < c.steps:
+            if step + 1 == c.steps:
+                break  # the phase snapshot in _finish is this position's checkpoint (and checks the stop)
+            stop = self.stop.poll()
+            if stop or (self.cfg.checkpoint.interval and (step + 1) % self.cfg.checkpoint.interval == 0):
                 self.state.update(rl_step=step + 1, data=it.state_dict(), method_state=method.state_dict())
                 self._save()
+            if stop:
+                self._check_stop(f"{stage} after step {step + 1}")
         self.state["carry_method_state"] = method.state_dict() if sequential else None
         self._finish(stage)
 
@@ -331,15 +350,20 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, data: dict[str, Any] | Non
     """Run (or resume) the whole pipeline of ``cfg`` in ``run_dir``; returns the run dir."""
     run_dir = Path(run_dir)
     data = data if data is not None else preflight(cfg)
-    rt = build_runtime(cfg, run_dir)
+    stop = StopRequest(dist_info()[0])
+    stop.install()  # from here on SIGTERM only sets a flag; steps finish, then we checkpoint and exit
     try:
-        pipe = Pipeline(rt, data)
-        pipe.resume()
-        pipe.run()
+        rt = build_runtime(cfg, run_dir)
+        try:
+            pipe = Pipeline(rt, data, stop)
+            pipe.resume()
+            pipe.run()
+        finally:
+            rt.logger.close()
+            if rt.engine is not None:
+                rt.engine.shutdown()
     finally:
-        rt.logger.close()
-        if rt.engine is not None:
-            rt.engine.shutdown()
+        stop.uninstall()
     return run_dir
 
 
@@ -384,5 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"scpo train: error: {e}", file=sys.stderr)
         return 2
-    train(cfg, run_dir, data)
+    try:
+        train(cfg, run_dir, data)
+    except Preempted:
+        return PREEMPTED_EXIT_CODE
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 
 from megatron_scpo.trainer.batching import pack
 from megatron_scpo.trainer.metrics import PhaseTimer, progress
+from megatron_scpo.trainer.preempt import Preempted, StopRequest
 from megatron_scpo.trainer.rl import TRAIN_METRIC_NAMES, generate_rollouts, sampling_params
 from megatron_scpo.trainer.runtime import Runtime
 
@@ -50,8 +51,14 @@ def trace_pairs(rt: Runtime, records: Sequence[Any], trace: str) -> list[Pair]:
 
 
 def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int, micro_batch_size: int,
-              lr: float, warmup_steps: int, seed: int, stage: str, log_every: int = 10) -> dict[str, float]:
-    """``steps`` optimizer steps of response-token NLL over batches drawn in a seeded, epoch-wise order."""
+              lr: float, warmup_steps: int, seed: int, stage: str, log_every: int = 10,
+              stop: StopRequest | None = None) -> dict[str, float]:
+    """``steps`` optimizer steps of response-token NLL over batches drawn in a seeded, epoch-wise order.
+
+    SFT phases have no mid-phase checkpoints (stage 1's samples would have to be saved too): a stop request
+    (``stop.poll()``, collective, after every step) raises Preempted at once, so the process exits well
+    inside the launcher's grace period, and the restart redoes the phase from the previous stage snapshot.
+    """
     if not pairs:
         raise ValueError(f"{stage}: no training sequences")
     rng = random.Random(f"sft:{stage}:{seed}")
@@ -79,6 +86,11 @@ def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int
         if step % log_every == 0 or step == steps - 1:
             rt.logger.log(stage, step, {**last, "lr": cur_lr, **timer.metrics(),
                                         "length/mean": sum(packed.response_lens) / len(idx)})
+        if stop is not None and step + 1 < steps and stop.poll():
+            if rt.is_main:
+                print(f"[stop] {stage}: stopping after SFT step {step + 1}/{steps}; the restart redoes {stage} from "
+                      "the previous snapshot", flush=True)
+            raise Preempted(f"{stage} step {step + 1}")
     return last
 
 

@@ -1,10 +1,12 @@
-"""SIGKILL in the middle of stage 2, restart with the same run dir: the run continues exactly.
+"""Interrupt stage 2, restart with the same run dir: the run continues exactly.
 
-Two real `scpo train` processes on the same short config: A runs uninterrupted; B is killed with
-SIGKILL as soon as it has logged RL step 3 (checkpoints every 2 steps, so B dies between checkpoints
-with metrics written after the last one), then restarted. B's final metrics.jsonl must equal A's
-record by record (data order via the logged prompt ids, rewards, losses, log-prob diffs; only
-wall-clock timings differ).
+Real `scpo train` processes on one short config. A runs uninterrupted (once, shared by the tests).
+B is killed with SIGKILL as soon as it has logged RL step 3 (checkpoints every 2 steps, so B dies
+between checkpoints with metrics written after the last one). C gets SIGTERM (graceful preemption)
+with periodic checkpoints off (`checkpoint.interval=0`, an override after the options): it must
+finish its step, write a checkpoint of exactly that position and exit with 143. Restarted, B's and
+C's final metrics.jsonl must equal A's record by record (data order via the logged prompt ids,
+rewards, losses, log-prob diffs; only wall-clock timings differ).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ logging: {tensorboard: false, progress: false}
 VOLATILE = ("time/", "perf/")
 
 
-def _cmd(cfg: str, run_dir: str) -> list[str]:
-    return [sys.executable, "-m", "megatron_scpo.cli", "train", cfg, "--run-dir", run_dir]
+def _cmd(cfg: str, run_dir: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_scpo.cli", "train", cfg, "--run-dir", run_dir, *overrides]
 
 
 def _env() -> dict[str, str]:
@@ -64,20 +66,52 @@ def _stable(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if not k.startswith(VOLATILE)}
 
 
-@pytest.mark.slow
-def test_sigkill_mid_stage2_then_resume_matches_uninterrupted(tmp_path):
-    cfg = tmp_path / "resume.yaml"
-    cfg.write_text(CONFIG)
-    a, b = tmp_path / "a", tmp_path / "b"
-    subprocess.run(_cmd(str(cfg), str(a)), env=_env(), check=True, capture_output=True, timeout=300)
-
-    proc = subprocess.Popen(_cmd(str(cfg), str(b)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _interrupt_mid_stage2(cmd: list[str], run_dir, sig: int, after_step: int) -> subprocess.Popen:
+    """Start ``cmd`` and send ``sig`` as soon as it has logged RL step ``after_step``; output goes to files
+    next to the run dir (a pipe could be held open by the trainer's helper processes after a SIGKILL)."""
+    log = run_dir.parent / f"{run_dir.name}.out"
+    with open(log, "w") as out, open(log.with_suffix(".err"), "w") as err:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=err)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if any(r["stage"] == "rl/scpo" and r["step"] >= 3 for r in _records(b)):
-            os.kill(proc.pid, signal.SIGKILL)
+        if any(r["stage"] == "rl/scpo" and r["step"] >= after_step for r in _records(run_dir)):
+            os.kill(proc.pid, sig)
             break
         time.sleep(0.02)
+    return proc
+
+
+def _assert_same_metrics(ra: list[dict], rb: list[dict]) -> None:
+    assert [(r["stage"], r["step"]) for r in ra] == [(r["stage"], r["step"]) for r in rb]
+    for x, y in zip(ra, rb):
+        sx, sy = _stable(x), _stable(y)
+        assert sx.keys() == sy.keys()
+        for k in sx:
+            if isinstance(sx[k], float):
+                assert sx[k] == pytest.approx(sy[k], rel=1e-6, abs=1e-9), (x["stage"], x["step"], k)
+            else:
+                assert sx[k] == sy[k], (x["stage"], x["step"], k)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(config path, records of the uninterrupted run A)."""
+    root = tmp_path_factory.mktemp("resume")
+    cfg = root / "resume.yaml"
+    cfg.write_text(CONFIG)
+    subprocess.run(_cmd(str(cfg), str(root / "a")), env=_env(), check=True, capture_output=True, timeout=300)
+    ra = _records(root / "a")
+    rl_a = [r for r in ra if r["stage"] == "rl/scpo"]
+    assert len(rl_a) == 6 and len({tuple(r["data/prompt_ids"]) for r in rl_a}) > 1
+    assert any(abs(r["loss"]) > 0 for r in rl_a)  # the steps really train
+    return cfg, ra
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage2_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
+    cfg, ra = uninterrupted
+    b = tmp_path / "b"
+    proc = _interrupt_mid_stage2(_cmd(str(cfg), str(b)), b, signal.SIGKILL, after_step=3)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, f"B was not killed mid-run (rc {proc.returncode})"
     killed_at = max(r["step"] for r in _records(b) if r["stage"] == "rl/scpo")
@@ -87,17 +121,28 @@ def test_sigkill_mid_stage2_then_resume_matches_uninterrupted(tmp_path):
     resumed = subprocess.run(_cmd(str(cfg), str(b)), env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[resume] step_" in resumed.stdout
+    _assert_same_metrics(ra, _records(b))
 
-    ra, rb = _records(a), _records(b)
-    assert [(r["stage"], r["step"]) for r in ra] == [(r["stage"], r["step"]) for r in rb]
-    rl_a = [r for r in ra if r["stage"] == "rl/scpo"]
-    assert len(rl_a) == 6 and len({tuple(r["data/prompt_ids"]) for r in rl_a}) > 1
-    assert any(abs(r["loss"]) > 0 for r in rl_a)  # the steps really train
-    for x, y in zip(ra, rb):
-        sx, sy = _stable(x), _stable(y)
-        assert sx.keys() == sy.keys()
-        for k in sx:
-            if isinstance(sx[k], float):
-                assert sx[k] == pytest.approx(sy[k], rel=1e-6, abs=1e-9), (x["stage"], x["step"], k)
-            else:
-                assert sx[k] == sy[k], (x["stage"], x["step"], k)
+
+@pytest.mark.slow
+def test_sigterm_mid_stage2_checkpoints_exits_143_and_resumes_exactly(tmp_path, uninterrupted):
+    from megatron_scpo.trainer.preempt import PREEMPTED_EXIT_CODE
+
+    cfg, ra = uninterrupted
+    c = tmp_path / "c"
+    cmd = _cmd(str(cfg), str(c), "checkpoint.interval=0")  # only the stop can write a mid-stage checkpoint
+    proc = _interrupt_mid_stage2(cmd, c, signal.SIGTERM, after_step=2)
+    proc.wait(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE == 143, (tmp_path / "c.err").read_text()[-3000:]
+    assert "[stop]" in (tmp_path / "c.out").read_text()
+    reached = max(r["step"] for r in _records(c) if r["stage"] == "rl/scpo")
+    assert 3 <= reached < 6  # the step running at SIGTERM was finished
+    latest = (c / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((c / "checkpoints" / latest / "trainer_state.json").read_text())
+    assert latest.startswith("step_") and state["phase"] == "rl/scpo" and state["rl_step"] == reached
+    assert state["metrics_records"] == len(_records(c))  # nothing logged after the checkpoint
+
+    resumed = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"[resume] {latest}" in resumed.stdout
+    _assert_same_metrics(ra, _records(c))
