@@ -396,14 +396,23 @@ def quiet_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
 
 
-def main(argv: list[str] | None = None) -> int:
-    quiet_warnings()
+def resolve_args(argv: list[str] | None) -> tuple[ExperimentConfig, Path]:
+    """``CONFIG [--run-dir DIR] [key=value ...]`` -> (config with overrides, run dir).
+
+    Overrides may come before and after the options (``parse_intermixed_args``), e.g.
+    ``scpo train cfg.yaml rl.steps=10 --run-dir runs/x compare.methods=[scpo,grpo]``.
+    """
     p = argparse.ArgumentParser(prog="scpo train", description=__doc__.splitlines()[0])
     add_arguments(p)
     a = p.parse_intermixed_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    return cfg, Path(a.run_dir or cfg.run_dir or Path("runs") / cfg.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_warnings()
     try:
-        cfg = load_config(a.config, a.overrides)
-        run_dir = Path(a.run_dir or cfg.run_dir or Path("runs") / cfg.name)
+        cfg, run_dir = resolve_args(argv)
         data = preflight(cfg)  # everything that can fail cheaply, before Megatron is imported
     except ValueError as e:
         print(f"scpo train: error: {e}", file=sys.stderr)
