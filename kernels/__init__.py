@@ -4,12 +4,12 @@ Every op takes ``impl="auto"|"triton"|"torch"``: ``auto`` runs Triton on CUDA te
 path (memory-lean, the CPU production path) elsewhere. See docs/kernels.md.
 """
 
-from ._dispatch import HAS_TRITON, INTERPRET, LAUNCHES, resolve_impl
+from ._dispatch import HAS_TRITON, INTERPRET, LAUNCHES, NonFiniteError, resolve_impl
 from .gae import discounted_suffix_sum, segmented_gae
 from .logprobs import fused_logprobs, linear_logprobs
 from .policy_loss import aggregate, policy_loss
 
 __all__ = [
-    "HAS_TRITON", "INTERPRET", "LAUNCHES", "aggregate", "discounted_suffix_sum", "fused_logprobs", "linear_logprobs",
+    "HAS_TRITON", "INTERPRET", "LAUNCHES", "NonFiniteError", "aggregate", "discounted_suffix_sum", "fused_logprobs", "linear_logprobs",
     "policy_loss", "resolve_impl", "segmented_gae",
 ]

@@ -22,6 +22,14 @@ except ImportError:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
     INTERPRET = False
 
+class NonFiniteError(ValueError):
+    """A kernel met NaN/inf where the math needs finite values (e.g. NaN logits).
+
+    Its own class so callers can react to exactly this (the trainer skips the optimizer step on a NaN loss)
+    without string-matching messages; a ValueError subclass, so ``except ValueError`` still catches it.
+    """
+
+
 #: Number of Triton launches per kernel name; tests read it to prove the Triton path really ran.
 LAUNCHES: dict[str, int] = {}
 

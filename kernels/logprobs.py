@@ -13,7 +13,15 @@ import math
 import torch
 import torch.distributed as dist
 
-from ._dispatch import Impl, check_contiguous, check_float, check_same_device, count_launch, resolve_impl
+from ._dispatch import (
+    Impl,
+    NonFiniteError,
+    check_contiguous,
+    check_float,
+    check_same_device,
+    count_launch,
+    resolve_impl,
+)
 
 #: Elements per fp32 tile of the torch path (1 MiB, cache-resident): extra memory is a few tiles.
 TILE_ELEMS = 1 << 18
@@ -54,7 +62,7 @@ def _finish(m, s, t, xt, ignored: torch.Tensor, with_entropy: bool):
         bad |= ~torch.isfinite(ent)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(
+        raise NonFiniteError(
             f"fused_logprobs: non-finite or positive result at row {row} (lse={lse[row].item()}, "
             f"logp={logp[row].item()}): logits contain NaN/inf or a target logit is -inf"
         )

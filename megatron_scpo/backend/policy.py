@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from scpo_kernels import NonFiniteError
 
 from megatron_scpo.backend import logprobs as lpmod
 from megatron_scpo.backend.config import ParallelConfig
@@ -287,7 +288,17 @@ class MegatronPolicy:
         mb: dict[str, torch.Tensor],
         logits: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        lp = self._token_logprobs(mb, logits, kw.get("temperature", 1.0))
+        try:
+            lp = self._token_logprobs(mb, logits, kw.get("temperature", 1.0))
+        except NonFiniteError:
+            # NaN/inf logits: the kernel refuses them (never a silent NaN). Raising here would leave the other
+            # pipeline stages / DP replicas waiting in the schedule's collectives, so the micro-batch becomes
+            # a NaN loss instead: backward and the metric all-reduces run as usual on every rank, then
+            # train_step sees the NaN loss everywhere and skips the optimizer step.
+            nan = logits.float().sum() * float("nan")
+            report = {"loss": nan.detach().reshape(()), "tokens": mb["loss_mask"].sum().float()}
+            zero = torch.zeros((), dtype=torch.float32)
+            return nan, {**report, "clip_low": zero, "clip_high": zero, "kl": zero}
         mask = mb["loss_mask"].bool()
         agg = kw.get("agg", "token-mean") if loss == "policy" else "token-mean"
         units = float(lpmod.agg_units(mask, agg))
@@ -318,11 +329,10 @@ class MegatronPolicy:
             stats["clip_low"] = m.get("clipfrac_low", zero).detach().float() * ntok
             stats["clip_high"] = m.get("clipfrac_high", zero).detach().float() * ntok
             kl_coef = float(kw.get("kl_coef", 0.0))
-            if kl_coef > 0 and "ref_logprobs" in mb:
-                d = mb["ref_logprobs"].float() - lp
-                kl = lpmod.aggregate(torch.exp(d) - d - 1.0, mask, agg, kw.get("norm_length"))
-                stats["kl"] = kl.detach() * weight
-                value = value + kl_coef * kl
+            if kl_coef > 0:
+                k3 = kl_k3(lp, mb["ref_logprobs"].float(), mask)
+                value = value + kl_coef * lpmod.aggregate(k3, mask, agg, kw.get("norm_length"))
+                stats["kl"] = k3.detach().sum()  # token-mean over the global batch in _reduce_metrics
         contribution = value * weight
         report = {"loss": contribution.detach().clone().float(), "tokens": ntok.float(), **stats}
         return contribution * (n_mb * self.info.dp), report
@@ -343,7 +353,7 @@ class MegatronPolicy:
             "num_tokens": out["tokens"],
             "clip_frac_low": out["clip_low"] / tok,
             "clip_frac_high": out["clip_high"] / tok,
-            "kl": out["kl"],
+            "kl": out["kl"] / tok,
         }
 
     def train_step(
@@ -354,12 +364,18 @@ class MegatronPolicy:
         loss="policy": clipped surrogate (per-sample eps_low/eps_high [B]); loss_kwargs: agg, dual_clip,
         norm_length, temperature, tis_cap (with rollout_logprobs), kl_coef (with ref_logprobs).
         loss="sft": NLL of the loss_mask tokens, token-mean over the global batch.
-        A non-finite loss or gradient norm skips the optimizer step (``skipped`` = 1.0, ``grad_norm`` reported
-        as computed) and leaves the weights and the Adam state unchanged.
+        A non-finite loss (including NaN/inf logits, scpo_kernels.NonFiniteError) or gradient norm skips the
+        optimizer step (``skipped`` = 1.0, ``grad_norm`` reported as computed; ``nonfinite_loss`` /
+        ``nonfinite_grad_norm`` = 1.0 say which) and leaves the weights and the Adam state unchanged.
         """
         if loss not in ("policy", "sft"):
             raise ValueError(f"loss must be 'policy' or 'sft', got {loss!r}")
         kw = dict(loss_kwargs or {})
+        kl_coef = float(kw.get("kl_coef", 0.0))
+        if not (math.isfinite(kl_coef) and kl_coef >= 0):
+            raise ValueError(f"loss_kwargs['kl_coef'] must be a finite number >= 0, got {kw.get('kl_coef')!r}")
+        if loss == "policy" and kl_coef > 0 and "ref_logprobs" not in batch:
+            raise BatchError("loss_kwargs['kl_coef'] > 0 needs batch['ref_logprobs'] (reference-policy log-probs)")
         agg = kw.get("agg", "token-mean") if loss == "policy" else "token-mean"
         if agg not in lpmod.AGG_MODES:
             raise ValueError(f"loss_kwargs['agg']={agg!r}; choose one of {list(lpmod.AGG_MODES)}")
@@ -370,26 +386,27 @@ class MegatronPolicy:
         mbs_list = self._micro_batches(dict(batch), self.micro_batch_size)
         loss_fn = partial(self._loss_func, loss, kw, float(units), len(mbs_list))
 
-        for m in self.model:
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        self._zero_grads()
         out = self._run_schedule(mbs_list, partial(self._forward_step, loss_fn), forward_only=False, collect=False)
         metrics = self._reduce_metrics(out if self._ps.is_pipeline_last_stage() else [])
         if not torch.isfinite(torch.tensor(metrics["loss"])):
-            for m in self.model:
-                m.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            return {**metrics, "grad_norm": float("nan"), "lr": self.lr, "skipped": 1.0}
+            self._zero_grads()
+            return {**metrics, "grad_norm": float("nan"), "lr": self.lr, "skipped": 1.0, "nonfinite_loss": 1.0,
+                    "nonfinite_grad_norm": 0.0}
         ok, grad_norm = self._optimizer_step()
         if ok:
             self.steps_done += 1
         else:
-            for m in self.model:
-                m.zero_grad_buffer()
-            self.optimizer.zero_grad()
+            self._zero_grads()
             if dist.get_rank() == 0:
                 print(f"[backend] non-finite gradient norm ({grad_norm}): optimizer step skipped", flush=True)
-        return {**metrics, "grad_norm": grad_norm, "lr": self.lr, "skipped": 0.0 if ok else 1.0}
+        return {**metrics, "grad_norm": grad_norm, "lr": self.lr, "skipped": 0.0 if ok else 1.0,
+                "nonfinite_loss": 0.0, "nonfinite_grad_norm": 0.0 if ok else 1.0}
+
+    def _zero_grads(self) -> None:
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
 
     def _optimizer_step(self) -> tuple[bool, float]:
         """megatron's ``optimizer.step()`` split into its phases, so a non-finite grad norm skips the update.
@@ -593,6 +610,14 @@ class MegatronPolicy:
             self._set_rng_state(rng[dist.get_rank()])
         dist.barrier()
         return meta
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref), 0 off ``mask``: exactly megatron_scpo.algo.losses.kl_k3 on
+    masked inputs (log-ratio clamped to +-20), so padding garbage never reaches the loss or the gradient."""
+    zero = torch.zeros_like(logprobs)
+    d = (torch.where(mask, ref_logprobs, zero) - torch.where(mask, logprobs, zero)).clamp(-20.0, 20.0)
+    return torch.exp(d) - d - 1.0
 
 
 def _load_optimizer_state(opt: Any, state: Any) -> None:

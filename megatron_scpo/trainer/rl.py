@@ -1,7 +1,8 @@
 """Stage 2: one RL step exactly as DESIGN.md section 2, and the loop around it.
 
 rollout -> verify -> segment -> importance (SCPO) -> reward/advantage (algo registry) -> old log-probs
-recomputed by the trainer (+ rollout log-probs for TIS) -> train_step through the backend (the loss path
+recomputed by the trainer (+ rollout log-probs for TIS, + reference log-probs for the k3 KL term when
+algo.loss.kl_coef > 0, see reference.py) -> train_step through the backend (the loss path
 is the kernels' policy_loss dispatch) -> weight sync via the streaming export -> post-sync check ->
 metrics (+ checkpoint, driven by run.py).
 
@@ -213,7 +214,8 @@ def rollout_stats(r: Rollouts, rollout_seconds: float) -> dict[str, float]:
 
 # backend metric -> stable metric name
 TRAIN_METRIC_NAMES = {"clip_frac_low": "clip/frac_low", "clip_frac_high": "clip/frac_high", "grad_norm": "grad_norm",
-                      "num_tokens": "train/num_tokens", "skipped": "train/skipped", "kl": "kl"}
+                      "num_tokens": "train/num_tokens", "skipped": "train/skipped", "kl": "kl/mean",
+                      "nonfinite_loss": "train/nonfinite_loss", "nonfinite_grad_norm": "train/nonfinite_grad_norm"}
 
 
 def train_on(rt: Runtime, packed: PackedBatch, tensors: dict[str, torch.Tensor], loss: str,
@@ -293,6 +295,13 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
     }
     loss_kwargs: dict[str, Any] = {"temperature": T, "agg": cfg.algo.loss.agg, "norm_length": cfg.algo.loss.norm_length,
                                    "dual_clip": cfg.algo.clip.dual_clip}
+    if cfg.algo.loss.kl_coef > 0:  # k3 KL to the frozen reference (the rl_start weights, reference.py)
+        ref = rt.extra.get("reference")
+        if ref is None:
+            raise RuntimeError("algo.loss.kl_coef > 0 but no reference policy was set up (rt.extra['reference'])")
+        with timer.phase("ref_logprob"):
+            tensors["ref_logprobs"] = ref.logprobs(rt, packed, temperature=T)
+        loss_kwargs["kl_coef"] = cfg.algo.loss.kl_coef
     if cfg.algo.loss.tis_cap is not None:  # truncated importance sampling: rollout vs trainer log-probs
         tensors["rollout_logprobs"] = rollout_lp
         loss_kwargs["tis_cap"] = cfg.algo.loss.tis_cap
@@ -310,10 +319,17 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
     metrics["train_rollout_logprob_abs_diff"] = float(diff.mean()) if diff.numel() else 0.0
     for k, v in sync_m.items():
         metrics[k] = v
-    if train_m.get("train/skipped_updates", 0.0) > 0:
-        metrics["nan_loss_skipped"] = 1.0
+    skipped = int(train_m.get("train/skipped_updates", 0.0))
+    if skipped:
+        n_mb = cfg.rl.mini_batches
+        what = [f"{name} in {round(train_m.get(key, 0.0) * n_mb)}/{n_mb} mini-batches"
+                for key, name in (("train/nonfinite_loss", "non-finite loss"),
+                                  ("train/nonfinite_grad_norm", "non-finite grad norm")) if train_m.get(key, 0.0) > 0]
+        if train_m.get("train/nonfinite_loss", 0.0) > 0:
+            metrics["nan_loss_skipped"] = 1.0
         if rt.is_main:
-            print(f"[rl] step {step}: non-finite loss, optimizer step skipped", flush=True)
+            print(f"[rl] step {step}: {', '.join(what) or 'non-finite loss'}: {skipped} optimizer step(s) skipped",
+                  flush=True)
     n_tok = sum(packed.response_lens)
     metrics.update(timer.metrics())
     metrics["perf/train_tokens_per_s"] = n_tok / max(timer.seconds.get("train", 0.0), 1e-9)

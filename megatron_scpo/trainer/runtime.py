@@ -102,15 +102,9 @@ class Runtime:
         b = int(batch["input_ids"].shape[0])
         mbs = max(d for d in range(1, min(b, micro_batch_size) + 1) if b % d == 0)
         self.policy.micro_batch_size = mbs
-        try:
-            return self.policy.train_step(batch, loss=loss, loss_kwargs=loss_kwargs)
-        except ValueError as e:
-            # The fused log-prob kernel refuses non-finite logits (never a silent NaN); for the trainer that
-            # is a NaN loss: skip this optimizer step (grads are zeroed at the start of the next one) and log
-            # it. Every TP rank sees the same all-reduced NaN, so they all take this branch together.
-            if "non-finite" not in str(e):
-                raise
-            return {"loss": float("nan"), "skipped": 1.0, "grad_norm": float("nan"), "nan_error": 1.0}
+        # NaN/inf logits (scpo_kernels.NonFiniteError) become a NaN loss inside the backend, which then skips
+        # the step on every rank with nonfinite_loss=1; a NaN/inf gradient norm gives nonfinite_grad_norm=1.
+        return self.policy.train_step(batch, loss=loss, loss_kwargs=loss_kwargs)
 
     def sync_weights(self, check: bool | None = None, version: int | None = None) -> dict[str, float]:
         """Trainer shards -> HF-named tensors -> rank 0's engine; then the post-sync log-prob check.

@@ -10,6 +10,9 @@ One launch, four scenarios, each against a reference computed another way:
   into a fresh policy resumes bit-exactly (fp32 main params restored, not re-derived from the bf16 weights).
 - fp32 DP=2 DistOpt: save before the first optimizer step, load into a freshly initialized policy, step:
   equals the uninterrupted run; an inf gradient on one DP rank only is skipped by both.
+- DP=2 reference-policy KL (k3, seq-mean-token-mean): loss, ``kl`` metric and gradients equal the algo spec
+  (megatron_scpo.algo.losses.policy_loss with ref_logprobs/kl_coef) on the HF model; before that, NaN logits on
+  one DP rank only (scpo_kernels.NonFiniteError inside the loss) skip the step on both with nonfinite_loss=1.
 """
 
 from __future__ import annotations
@@ -199,6 +202,49 @@ def _distopt_step0(rank: int, tmp: str) -> dict:
     return {"step0_loss2": m2["loss"]}
 
 
+def _kl_and_nan_logits(rank: int, batch: dict) -> dict:
+    from backend_ref import hf_cfg, hf_logprobs, hf_model
+
+    from megatron_scpo.algo.losses import policy_loss as spec_loss
+
+    kl_coef, agg = 0.3, "seq-mean-token-mean"
+    g = torch.Generator().manual_seed(5)
+    am, lm = batch["attention_mask"], batch["loss_mask"].bool()
+    model = hf_model(hf_cfg("llama"))
+    lp = hf_logprobs(model, batch["input_ids"], am)
+    # reference log-probs: near the policy on response tokens, large finite garbage elsewhere (must be masked)
+    ref = torch.where(lm, lp.detach() + 0.3 * torch.randn(lp.shape, generator=g), torch.full_like(lp, 1e4))
+    loss_ref, spec_m = spec_loss(lp, batch["old_logprobs"], batch["advantages"], lm, batch["eps_low"],
+                                 batch["eps_high"], agg=agg, ref_logprobs=ref, kl_coef=kl_coef)
+    loss_ref.backward()
+    grads_ref = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    assert float(spec_m["kl"]) > 1e-3  # the KL term matters in this comparison
+
+    pol = make_policy("llama", distopt=False, mbs=1)  # DP=2
+    mine = _half(dict(batch, ref_logprobs=ref), rank)
+    before = _snapshot(pol)
+    handle = None
+    if rank == 1:  # NaN logits on DP rank 1 only: the kernel raises NonFiniteError there
+        handle = pol.modules()[0].output_layer.register_forward_hook(
+            lambda _m, _i, out: (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan"))
+    try:
+        s = pol.train_step(mine, "policy", {"agg": agg, "kl_coef": kl_coef})
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert s["skipped"] == 1.0 and s["nonfinite_loss"] == 1.0 and s["nonfinite_grad_norm"] == 0.0, s
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(pol))) and pol.steps_done == 0
+
+    m = pol.train_step(mine, "policy", {"agg": agg, "kl_coef": kl_coef})
+    assert m["skipped"] == 0.0 and m["nonfinite_loss"] == 0.0
+    assert abs(m["loss"] - float(loss_ref)) < 1e-5, (m, float(loss_ref))
+    assert abs(m["kl"] - float(spec_m["kl"])) < 1e-5, (m["kl"], float(spec_m["kl"]))
+    check_grads(pol, grads_ref, "dp2-kl", m)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        pol.train_step(_half(batch, rank), "policy", {"kl_coef": kl_coef})
+    return {"kl_loss": m["loss"], "kl": m["kl"]}
+
+
 def _features(rank: int, world: int, tmp: str) -> None:
     batch = make_batch()
     add_old_logprobs(batch)
@@ -207,6 +253,7 @@ def _features(rank: int, world: int, tmp: str) -> None:
     out.update(_vpp(rank, tmp))
     out.update(_bf16(rank, batch, tmp))
     out.update(_distopt_step0(rank, tmp))
+    out.update(_kl_and_nan_logits(rank, batch))
     if rank == 0:
         print("backend features:", {k: f"{v:.3g}" for k, v in out.items()}, flush=True)
 

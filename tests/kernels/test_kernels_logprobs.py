@@ -6,7 +6,7 @@ import pytest
 import torch
 from dist_utils import spawn
 from kernels_refs import logprobs_ref
-from scpo_kernels import INTERPRET, LAUNCHES, fused_logprobs, linear_logprobs
+from scpo_kernels import INTERPRET, LAUNCHES, NonFiniteError, fused_logprobs, linear_logprobs
 
 BF16_RTOL = 2e-2
 
@@ -164,8 +164,9 @@ def test_bad_input_raises_before_work(impl):
         fused_logprobs(x[None], t, impl=impl)
     bad = x.clone()
     bad[2, 7] = float("nan")
-    with pytest.raises(ValueError, match="row 2"):
+    with pytest.raises(NonFiniteError, match="non-finite.*row 2"):  # its own class, still a ValueError
         fused_logprobs(bad, t, impl=impl)
+    assert issubclass(NonFiniteError, ValueError)
     with pytest.raises(ValueError, match="impl"):
         fused_logprobs(x, t, impl="cuda")
     if impl == "triton":
