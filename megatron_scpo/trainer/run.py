@@ -53,9 +53,6 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError("the train split is empty")
     for m in methods_of(cfg):
         build_method(algo_for(cfg, m))
-    if cfg.algo.loss.kl_coef > 0:
-        raise ConfigError("algo.loss.kl_coef > 0 needs a reference-policy log-prob pass, which the trainer does not "
-                          "run yet; set algo.loss.kl_coef: 0")
     if (cfg.warmstart.enabled) and cfg.data.source != "synthetic":
         raise ConfigError("warmstart.enabled needs data.source: synthetic (it trains on the task's verbose traces)")
     if cfg.model.hf_path is None and cfg.data.source != "synthetic":
@@ -217,6 +214,18 @@ class Pipeline:
                   f"rl_step={self.state['rl_step']} global_step={rt.global_step}", flush=True)
         return True
 
+    def _reference(self, at_rl_start: bool) -> Any:
+        """The frozen KL reference = the rl_start weights (reference.py explains the host-copy swap)."""
+        from megatron_scpo.trainer.reference import ReferencePolicy
+
+        if at_rl_start:
+            return ReferencePolicy.from_live(self.rt.policy)
+        snap = self.rt.ckpt.snapshot("rl_start")
+        if snap is None:
+            raise ConfigError(f"{self.rt.ckpt.root}: algo.loss.kl_coef > 0 needs the rl_start snapshot as the "
+                              "reference policy, and this run has none (it started without KL); use a new run dir")
+        return ReferencePolicy.from_checkpoint(self.rt.policy, snap / "model")
+
     # ---- phases --------------------------------------------------------------------------------
     def run(self) -> None:
         from megatron_scpo.trainer.evaluate import load_eval
@@ -313,19 +322,25 @@ class Pipeline:
         it = PromptIterator(self.data["train"], seed=self.cfg.data.shuffle_seed)
         start = int(self.state.get("rl_step") or 0)
         sequential = self.cfg.compare.mode == "sequential"
+        use_kl = self.cfg.algo.loss.kl_coef > 0
+        at_rl_start = False  # are the live weights exactly the rl_start snapshot's?
         if start > 0:  # resumed inside this phase: model/optimizer/RNG already restored
             it.load_state_dict(self.state["data"])
             method.load_state_dict(self.state["method_state"] or {})
-        elif sequential:  # continue from the previous method's weights, inherit its state (LAPO map)
-            if self.state.get("carry_method_state"):
-                method.load_state_dict(self.state["carry_method_state"])
         else:
             snap = rt.ckpt.snapshot("rl_start")
-            if snap is None:
+            if snap is None and (not sequential or use_kl):  # with KL, rl_start is also the reference policy
                 self._save(snapshot="rl_start")
-            else:  # every method starts from the same weights and optimizer state
+                at_rl_start = True
+            elif snap is not None and not sequential:  # every method starts from the same weights and optimizer
                 rt.ckpt.load(snap, load_model=rt.policy.load_checkpoint, restore_rng=False)
                 rt.sync_weights()
+                at_rl_start = True
+            if sequential and self.state.get("carry_method_state"):  # continue from the previous method's
+                method.load_state_dict(self.state["carry_method_state"])  # weights and state (LAPO map)
+        rt.extra.pop("reference", None)
+        if use_kl:
+            rt.extra["reference"] = self._reference(at_rl_start)
         set_lr(rt.policy, self.cfg.optim.lr)
         stage = f"rl/{name}"
         for step in range(start, c.steps):

@@ -67,8 +67,8 @@ def test_overlong_prompt(tmp_path, capsys):
 
 
 def test_unsupported_combinations(tmp_path, capsys):
-    err = _run(tmp_path, BASE + "algo: {loss: {kl_coef: 0.001}}\n", capsys)
-    assert "kl_coef" in err
+    err = _run(tmp_path, BASE + "algo: {loss: {kl_coef: -0.001}}\n", capsys)
+    assert "kl_coef must be >= 0" in err
     err = _run(tmp_path, BASE + "eval: {enabled: true, n_samples: 2, pass_k: [1, 4]}\n", capsys)
     assert "pass_k values [4]" in err
 

@@ -63,6 +63,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
                 p.copy_(s)
         rt.policy.optimizer.reload_model_params()
         rt.sync_weights()
+    results["kl"] = _kl_steps(rt, cfg, records, start)
     # A NaN loss (here: NaN logits injected in the training forward only) skips the step and is logged.
     poison = {"on": False}
 
@@ -94,6 +95,43 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
+
+
+def _kl_steps(rt, cfg, records, start) -> dict:
+    """Two GRPO steps with the k3 KL to the frozen start weights: 0 while policy == reference, > 0 after."""
+    import dataclasses
+
+    import torch
+
+    from megatron_scpo.algo.registry import build_method
+    from megatron_scpo.trainer.batching import pack
+    from megatron_scpo.trainer.reference import ReferencePolicy
+    from megatron_scpo.trainer.rl import rl_step
+    from megatron_scpo.trainer.run import algo_for
+
+    algo = dataclasses.replace(cfg.algo, loss=dataclasses.replace(cfg.algo.loss, kl_coef=0.5))
+    rt.cfg = dataclasses.replace(cfg, algo=algo, rl=dataclasses.replace(cfg.rl, mini_batches=1))
+    rt.extra["reference"] = ref = ReferencePolicy.from_live(rt.policy)
+    method = build_method(algo_for(rt.cfg, "grpo"))
+    m1 = rl_step(rt, method, records, step=0, seed=77)
+    m2 = rl_step(rt, method, records, step=1, seed=78)
+    # the swap leaves the trained weights live and the reference frozen at the start weights
+    params = list(rt.policy.modules()[0].parameters())
+    moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(params, start))
+    packed = pack([[1, 5, 6, 7]], [[8, 9, 10]], rt.pad_id)
+    live = rt.logprobs(packed, 1.0)
+    ref_lp = ref.logprobs(rt, packed, 1.0)
+    assert torch.equal(live, rt.logprobs(packed, 1.0)), "reference swap did not restore the live weights"
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    assert torch.equal(ref_lp, rt.logprobs(packed, 1.0)), "reference is not the start weights"
+    rt.policy.optimizer.reload_model_params()
+    rt.sync_weights()
+    rt.cfg = cfg
+    del rt.extra["reference"]
+    return {"kl1": m1["kl/mean"], "kl2": m2["kl/mean"], "loss1": m1["loss"], "moved": moved,
+            "has_time": "time/ref_logprob" in m1, "ref_diff": float((live - ref_lp).abs().max())}
 
 
 def _stop_agreement(rank: int, world: int, stop_file) -> list[bool]:
@@ -138,3 +176,7 @@ def test_rl_step_every_method_tp1_and_tp2(tmp_path):
         assert nan["skipped"] == 1.0 and nan["moved"] == 0.0, nan  # optimizer step skipped, weights untouched
         assert nan["logged_loss"] is None and nan["nonfinite"] >= 1, nan  # logged as non-finite, not dropped
         assert res[world]["stop"] == [False, world > 1, True]
+        kl = res[world]["kl"]
+        assert abs(kl["kl1"]) < 1e-9 and kl["kl2"] > 1e-7 and math.isfinite(kl["loss1"]), kl  # policy == ref first
+        assert kl["moved"] > 0 and kl["ref_diff"] > 0 and kl["has_time"], kl
+    assert res[1]["kl"]["kl2"] == pytest.approx(res[2]["kl"]["kl2"], rel=1e-2), (res[1]["kl"], res[2]["kl"])
