@@ -92,6 +92,7 @@ def test_every_config_in_configs_dir_loads():
     assert (lapo.algo.lapo.alpha, lapo.algo.lapo.beta, lapo.algo.lapo.sigma, lapo.rl.prompts_per_step,
             lapo.rollout.temperature) == (0.7, 0.8, 120.0, 128, 1.0)
     assert lapo.compare.methods == ["lapo_stage1", "lapo_stage2"] and lapo.compare.mode == "sequential"
+    assert lapo.algo.loss.kl_coef == 1e-4  # papers.md 2.5: k3 KL to the reference
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu", "compare_cpu"])
