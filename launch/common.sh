@@ -82,7 +82,10 @@ scpo_resolve() {
     SCPO_LOG_DIR="$SCPO_RUN_DIR/logs/job-$job-r${SLURM_RESTART_COUNT:-0}"
     mkdir -p "$SCPO_LOG_DIR"
     export SCPO_RUN_DIR SCPO_LOG_DIR SCPO_PLAN="$SCPO_LOG_DIR/plan.json"
-    export SCPO_STOP_FILE="$SCPO_RUN_DIR/STOP"  # a trainer may poll it: save a checkpoint and exit
+    export SCPO_STOP_FILE="$SCPO_RUN_DIR/STOP"  # the trainer polls it: saves a checkpoint, exits 143
+    # torchrun SIGKILLs its ranks 30 s after forwarding SIGTERM unless told otherwise; give them the same
+    # grace as the trainer so the preemption checkpoint can finish (read by torch >= 2.9; older ignore it).
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-${SCPO_STOP_GRACE:-90}}"
 
     if [ -n "${SCPO_HOSTNAMES:-}" ]; then
         SCPO_HOSTS="$SCPO_HOSTNAMES"
