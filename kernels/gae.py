@@ -33,7 +33,15 @@ from typing import NamedTuple
 
 import torch
 
-from ._dispatch import Impl, check_2d, check_float, check_same_device, count_launch, resolve_impl
+from ._dispatch import (
+    Impl,
+    NonFiniteError,
+    check_2d,
+    check_float,
+    check_same_device,
+    count_launch,
+    resolve_impl,
+)
 
 _SCAN_BLOCK = 64
 _DENSE_BLOCK = 32  # fastest block for the [B, T] token scan on CPU (fewer matmul flops, 2 levels)
@@ -151,7 +159,7 @@ def _check_finite(name: str, x: torch.Tensor, valid: torch.Tensor) -> None:
     if bool(torch.isfinite(x.sum())):  # fast path: everything finite (an overflowing sum falls through)
         return
     if not bool(torch.isfinite(x).logical_or_(~valid).all()):
-        raise ValueError(f"{name} contains NaN/inf on valid (mask=1) tokens")
+        raise NonFiniteError(f"{name} contains NaN/inf on valid (mask=1) tokens")
 
 
 def _segmented_discount(delta: torch.Tensor, has_next: torch.Tensor, gl: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._dispatch import Impl, check_float, check_same_device, count_launch, resolve_impl
+from ._dispatch import Impl, NonFiniteError, check_float, check_same_device, count_launch, resolve_impl
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LOG_RATIO_CLAMP = 20.0
@@ -130,7 +130,7 @@ def policy_loss(
     w = None if tis_weights is None else torch.where(m, tis_weights.detach().to(cdt), zero)
     for name, t in (("advantages", adv), ("old_logprobs", old), ("tis_weights", w)):
         if t is not None and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} has NaN/inf on masked-in tokens")
+            raise NonFiniteError(f"{name} has NaN/inf on masked-in tokens")
     lo = (1.0 - eps_low.to(cdt)).contiguous()
     hi = (1.0 + eps_high.to(cdt)).contiguous()
     if which == "triton":

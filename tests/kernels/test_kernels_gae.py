@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from kernels_refs import sgae_ref
-from scpo_kernels import LAUNCHES, discounted_suffix_sum, segmented_gae
+from scpo_kernels import LAUNCHES, NonFiniteError, discounted_suffix_sum, segmented_gae
 
 
 def _batch(seed: int, b: int, t: int, p_step: float = 0.25, p_mask: float = 0.2):
@@ -138,7 +138,7 @@ def test_bad_input_raises():
         segmented_gae(r, m, step_ids=s.float())
     bad = r.clone()
     bad[m] = float("nan")
-    with pytest.raises(ValueError, match="rewards contains NaN"):
+    with pytest.raises(NonFiniteError, match="rewards contains NaN"):  # a ValueError the trainer can single out
         segmented_gae(bad, m)
     bad = r.clone()
     bad[~m] = float("nan")  # garbage on padding is ignored
