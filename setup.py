@@ -22,7 +22,7 @@ setup(
         "megatron-core>=0.16.1",
         "transformers>=4.51",
         "pyyaml>=6",
-        "math-verify[antlr4_13_2]>=0.7",
+        "math-verify>=0.7",  # brings latex2sympy2_extended + antlr4 runtime
         "safetensors>=0.4",
         "tqdm>=4.60",
         "tensorboard>=2.14",
