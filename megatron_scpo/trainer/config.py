@@ -65,10 +65,13 @@ class SFTConfig:
     warmup_steps: int = 20
     trace: Literal["verbose", "concise"] = "verbose"
     log_every: int = 20
+    checkpoint_interval: int = 200  # SFT steps between mid-phase checkpoints (0: off; a stop always writes one)
 
     def validate(self) -> None:
         if self.enabled and (self.steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1):
             raise ValueError("steps, batch_size and micro_batch_size must be >= 1")
+        if self.checkpoint_interval < 0:
+            raise ValueError(f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -86,10 +89,15 @@ class RejectionSFTConfig:
     batch_size: int = 32
     micro_batch_size: int = 32
     lr: float = 1e-4
+    # > 0: a checkpoint right after sampling (it holds the selected pairs, so a resume never re-samples)
+    # and every this many SFT steps; 0: none (a stop still writes one)
+    checkpoint_interval: int = 50
 
     def validate(self) -> None:
         if self.enabled and min(self.n_prompts, self.n_samples, self.epochs, self.batch_size) < 1:
             raise ValueError("n_prompts, n_samples, epochs and batch_size must be >= 1")
+        if self.checkpoint_interval < 0:
+            raise ValueError(f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 

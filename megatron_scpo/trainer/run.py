@@ -6,8 +6,10 @@ method starts from the same snapshot ``rl_start``), then the report. Everything 
 with the inputs (config, data files, method names, tokenizer/prompt lengths) is checked before Megatron
 is imported. Restarting with the same run dir resumes from the newest complete checkpoint: model,
 optimizer, RNG, data position, method state (LAPO length map), step counters and the metrics file.
-SIGTERM or ``$SCPO_STOP_FILE`` (preempt.py): the current step finishes, stage 2 writes a checkpoint of
-exactly that position, and the process exits with 143 (SFT phases restart from their previous snapshot).
+SIGTERM or ``$SCPO_STOP_FILE`` (preempt.py): the current step finishes (RL or SFT step, or stage 1's sampling),
+a checkpoint of exactly that position is written, and the process exits with 143. SFT phases also checkpoint
+every ``warmstart.checkpoint_interval`` / ``stage1.checkpoint_interval`` steps; their position (data order,
+LR schedule step, stage 1's selected pairs) lives in ``trainer_state.json`` under ``data``.
 Works single-process and under torchrun (rank 0 owns the rollout engine, see runtime.py).
 """
 
@@ -281,14 +283,28 @@ class Pipeline:
         self._check_stop(f"after {phase}")  # a resume redoes the skipped evaluation (see run())
         self._eval(label_of(phase))
 
+    def _sft_position(self, phase: str) -> dict[str, Any] | None:
+        """The saved mid-phase state of ``phase`` when this run resumed inside it (``state['data']``)."""
+        data = self.state.get("data")
+        return data if self.state.get("phase") == phase and isinstance(data, dict) else None
+
+    def _sft_saver(self, extra: dict[str, Any] | None = None) -> Any:
+        """``save(cursor_state)`` for sft_train: a step checkpoint of the SFT position (+ stage 1's pairs)."""
+        def save(cursor: dict[str, Any] | None) -> None:
+            self.state["data"] = {**(extra or {}), "sft": cursor}
+            self._save()
+        return save
+
     def warmstart(self) -> None:
         from megatron_scpo.trainer.sft import sft_train, trace_pairs
 
         c = self.cfg.warmstart
         pairs = trace_pairs(self.rt, self.data["train"], c.trace)
+        pos = self._sft_position("warmstart")
         sft_train(self.rt, pairs, steps=c.steps, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
                   lr=c.lr, warmup_steps=c.warmup_steps, seed=self.cfg.rl.seed, stage="warmstart",
-                  log_every=c.log_every, stop=self.stop)
+                  log_every=c.log_every, stop=self.stop, checkpoint_interval=c.checkpoint_interval,
+                  save=self._sft_saver(), position=pos and pos.get("sft"))
         self.rt.sync_weights()
         self._finish("warmstart")
 
@@ -297,15 +313,25 @@ class Pipeline:
         from megatron_scpo.trainer.sft import rejection_sample, sft_train
 
         c = self.cfg.stage1
-        records = PromptIterator(self.data["train"], seed=self.cfg.data.shuffle_seed + 1).next_batch(
-            min(c.n_prompts, len(self.data["train"])))
-        pairs, stats = rejection_sample(self.rt, records)
-        self.rt.logger.log("stage1/sample", 0, stats)
+        pos = self._sft_position("stage1")
+        if pos is not None and "pairs" in pos:  # resumed after sampling: the checkpoint holds the selection
+            pairs = [(list(p), list(r)) for p, r in pos["pairs"]]
+        else:
+            records = PromptIterator(self.data["train"], seed=self.cfg.data.shuffle_seed + 1).next_batch(
+                min(c.n_prompts, len(self.data["train"])))
+            pairs, stats = rejection_sample(self.rt, records)
+            self.rt.logger.log("stage1/sample", 0, stats)
+            pos = None
+        save = self._sft_saver({"pairs": [[p, r] for p, r in pairs]})
         if pairs:
+            if pos is None and (c.checkpoint_interval or self.stop.poll()):  # sampling is the costly part
+                save(None)
+                self._check_stop("stage1 after sampling")
             steps = max(1, math.ceil(len(pairs) * c.epochs / c.batch_size))
             sft_train(self.rt, pairs, steps=steps, batch_size=min(c.batch_size, len(pairs)),
                       micro_batch_size=c.micro_batch_size, lr=c.lr, warmup_steps=0, seed=self.cfg.rl.seed,
-                      stage="stage1", log_every=max(1, steps // 5), stop=self.stop)
+                      stage="stage1", log_every=max(1, steps // 5), stop=self.stop,
+                      checkpoint_interval=c.checkpoint_interval, save=save, position=pos and pos.get("sft"))
             self.rt.sync_weights()
         elif self.rt.is_main:
             print("[stage1] no verified-correct samples: stage 1 SFT skipped", flush=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from megatron_scpo.trainer.batching import pack
@@ -50,27 +50,66 @@ def trace_pairs(rt: Runtime, records: Sequence[Any], trace: str) -> list[Pair]:
     return pairs
 
 
+class SFTCursor:
+    """Where an SFT phase stands: steps done and the data order still to come (seeded epoch-wise shuffles).
+
+    Its ``state_dict`` is JSON (the checkpoint's ``trainer_state.json``), so a resume continues the same
+    batch sequence and the same LR schedule position instead of redoing the phase.
+    """
+
+    def __init__(self, stage: str, seed: int, n: int):
+        self.stage = stage
+        self.n = n
+        self.step = 0
+        self.order: list[int] = []
+        self.rng = random.Random(f"sft:{stage}:{seed}")
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        while len(self.order) < batch_size:
+            epoch = list(range(self.n))
+            self.rng.shuffle(epoch)
+            self.order += epoch
+        idx, self.order = self.order[:batch_size], self.order[batch_size:]
+        return idx
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"stage": self.stage, "n": self.n, "step": self.step, "order": list(self.order),
+                "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("stage") != self.stage or sd.get("n") != self.n:
+            raise ValueError(f"SFT checkpoint position is for stage {sd.get('stage')!r} with {sd.get('n')} sequences,"
+                             f" not {self.stage!r} with {self.n}; the data or config changed since it was written")
+        self.step = int(sd["step"])
+        self.order = [int(i) for i in sd["order"]]
+        version, internal, gauss = sd["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
 def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int, micro_batch_size: int,
               lr: float, warmup_steps: int, seed: int, stage: str, log_every: int = 10,
-              stop: StopRequest | None = None) -> dict[str, float]:
+              stop: StopRequest | None = None, checkpoint_interval: int = 0,
+              save: Callable[[dict[str, Any]], None] | None = None,
+              position: dict[str, Any] | None = None) -> dict[str, float]:
     """``steps`` optimizer steps of response-token NLL over batches drawn in a seeded, epoch-wise order.
 
-    SFT phases have no mid-phase checkpoints (stage 1's samples would have to be saved too): a stop request
-    (``stop.poll()``, collective, after every step) raises Preempted at once, so the process exits well
-    inside the launcher's grace period, and the restart redoes the phase from the previous stage snapshot.
+    ``save(cursor_state)`` (collective) writes a checkpoint of the position after every
+    ``checkpoint_interval``-th step and when a stop is requested (``stop.poll()``, collective, after every
+    step), after which Preempted is raised. ``position`` (a saved cursor state) resumes mid-phase: the
+    model/optimizer/RNG come from the same checkpoint, so the rest of the phase equals an uninterrupted run.
+    The last step is never checkpointed here: the caller's stage snapshot is that position.
     """
     if not pairs:
         raise ValueError(f"{stage}: no training sequences")
-    rng = random.Random(f"sft:{stage}:{seed}")
-    order: list[int] = []
+    cursor = SFTCursor(stage, seed, len(pairs))
+    if position is not None:
+        cursor.load_state_dict(position)
     last: dict[str, float] = {}
-    for step in progress(range(steps), total=steps, desc=stage, enabled=rt.cfg.logging.progress and rt.is_main):
+    enabled = rt.cfg.logging.progress and rt.is_main
+    for step in progress(range(cursor.step, steps), total=steps - cursor.step, desc=stage, enabled=enabled):
         timer = PhaseTimer()
-        while len(order) < batch_size:
-            epoch = list(range(len(pairs)))
-            rng.shuffle(epoch)
-            order += epoch
-        idx, order = order[:batch_size], order[batch_size:]
+        idx = cursor.next_batch(batch_size)
         cur_lr = warmup_lr(lr, step, warmup_steps, steps)
         set_lr(rt.policy, cur_lr)
         info = getattr(rt.policy, "info", None)
@@ -82,14 +121,20 @@ def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int
         with timer.phase("train"):
             m = rt.train_step(batch, "sft", {}, micro_batch_size)
         rt.global_step += 1
+        cursor.step = step + 1
         last = {TRAIN_METRIC_NAMES.get(k, k): float(v) for k, v in m.items() if isinstance(v, (int, float))}
         if step % log_every == 0 or step == steps - 1:
             rt.logger.log(stage, step, {**last, "lr": cur_lr, **timer.metrics(),
                                         "length/mean": sum(packed.response_lens) / len(idx)})
-        if stop is not None and step + 1 < steps and stop.poll():
+        if step + 1 == steps:
+            break
+        stopping = stop is not None and stop.poll()
+        if save is not None and (stopping or (checkpoint_interval and (step + 1) % checkpoint_interval == 0)):
+            save(cursor.state_dict())
+        if stopping:
             if rt.is_main:
-                print(f"[stop] {stage}: stopping after SFT step {step + 1}/{steps}; the restart redoes {stage} from "
-                      "the previous snapshot", flush=True)
+                where = "checkpointed" if save is not None else "not checkpointed; the restart redoes the phase"
+                print(f"[stop] {stage}: stopping after SFT step {step + 1}/{steps} ({where})", flush=True)
             raise Preempted(f"{stage} step {step + 1}")
     return last
 

@@ -4,9 +4,11 @@ Real `scpo train` processes on one short config. A runs uninterrupted (once, sha
 B is killed with SIGKILL as soon as it has logged RL step 3 (checkpoints every 2 steps, so B dies
 between checkpoints with metrics written after the last one). C gets SIGTERM (graceful preemption)
 with periodic checkpoints off (`checkpoint.interval=0`, an override after the options): it must
-finish its step, write a checkpoint of exactly that position and exit with 143. Restarted, B's and
-C's final metrics.jsonl must equal A's record by record (data order via the logged prompt ids,
-rewards, losses, log-prob diffs; only wall-clock timings differ).
+finish its step, write a checkpoint of exactly that position and exit with 143. D gets SIGTERM in the
+middle of the warm-start SFT (no periodic SFT checkpoints): it must checkpoint its SFT position (data
+order, LR schedule step) and exit with 143. Restarted, B's, C's and D's final metrics.jsonl must equal
+A's record by record (data order via the logged prompt ids, rewards, losses, log-prob diffs, SFT losses
+and learning rates; only wall-clock timings differ).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ data:
   template: synthetic
   max_prompt_tokens: 48
   synthetic: {n_train: 16, n_eval: 4, max_ops: 2}
-warmstart: {enabled: true, steps: 2, batch_size: 4, micro_batch_size: 4, lr: 1.0e-3, warmup_steps: 0, log_every: 1}
+warmstart: {enabled: true, steps: 8, batch_size: 4, micro_batch_size: 4, lr: 1.0e-3, warmup_steps: 2, log_every: 1,
+            checkpoint_interval: 0}
 rollout: {n_samples: 3, max_new_tokens: 16, check_num_sequences: 1, check_seq_len: 8}
 algo: {method: scpo, segmentation: {min_step_tokens: 1}, scpo: {advantage: s_gae}}  # all-wrong groups still train
 optim: {lr: 1.0e-3}
@@ -66,15 +69,15 @@ def _stable(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if not k.startswith(VOLATILE)}
 
 
-def _interrupt_mid_stage2(cmd: list[str], run_dir, sig: int, after_step: int) -> subprocess.Popen:
-    """Start ``cmd`` and send ``sig`` as soon as it has logged RL step ``after_step``; output goes to files
+def _interrupt_mid_stage2(cmd: list[str], run_dir, sig: int, after_step: int, stage: str = "rl/scpo") -> subprocess.Popen:
+    """Start ``cmd`` and send ``sig`` as soon as it has logged ``stage`` step ``after_step``; output goes to files
     next to the run dir (a pipe could be held open by the trainer's helper processes after a SIGKILL)."""
     log = run_dir.parent / f"{run_dir.name}.out"
     with open(log, "w") as out, open(log.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=err)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if any(r["stage"] == "rl/scpo" and r["step"] >= after_step for r in _records(run_dir)):
+        if any(r["stage"] == stage and r["step"] >= after_step for r in _records(run_dir)):
             os.kill(proc.pid, sig)
             break
         time.sleep(0.02)
@@ -146,3 +149,32 @@ def test_sigterm_mid_stage2_checkpoints_exits_143_and_resumes_exactly(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"[resume] {latest}" in resumed.stdout
     _assert_same_metrics(ra, _records(c))
+
+
+@pytest.mark.slow
+def test_sigterm_mid_warmstart_checkpoints_sft_position_and_resumes_exactly(tmp_path, uninterrupted):
+    cfg, ra = uninterrupted
+    d = tmp_path / "d"
+    cmd = _cmd(str(cfg), str(d))
+    proc = _interrupt_mid_stage2(cmd, d, signal.SIGTERM, after_step=1, stage="warmstart")
+    proc.wait(timeout=120)
+    assert proc.returncode == 143, (tmp_path / "d.err").read_text()[-3000:]
+    ws = [r for r in _records(d) if r["stage"] == "warmstart"]
+    assert not any(r["stage"].startswith("rl/") for r in _records(d))
+    done = len(ws)  # log_every 1: one record per finished SFT step
+    assert 2 <= done < 8, "the stop did not land inside the warm start"
+    latest = (d / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((d / "checkpoints" / latest / "trainer_state.json").read_text())
+    assert latest.startswith("step_") and state["phase"] == "warmstart" and state["done"] == []
+    sft = state["data"]["sft"]
+    assert sft["stage"] == "warmstart" and sft["step"] == done == state["global_step"]
+    # 16 sequences, batch 4: the pending order is the rest of the current epoch's permutation
+    assert len(sft["order"]) == (16 - 4 * done) % 16 and len(set(sft["order"])) == len(sft["order"])
+    assert state["metrics_records"] == len(_records(d))
+
+    resumed = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"[resume] {latest}" in resumed.stdout
+    rd = _records(d)
+    assert [r["lr"] for r in rd if r["stage"] == "warmstart"] == [r["lr"] for r in ra if r["stage"] == "warmstart"]
+    _assert_same_metrics(ra, rd)
