@@ -6,7 +6,9 @@ against it: step 0 syncs through ``disk``, step 1 through ``tensor`` (in-process
 shared-memory handles). Checked: the rollouts are the server's (requests, seeds, rows) and carry the
 trainer's log-probs; every sync runs the documented sequence, the server ends on the new version with
 exactly the trainer's weights, the post-sync log-prob check passes, and the server's greedy output equals
-``transformers.generate`` on the trainer's exported weights. Metrics are not compared with a
+``transformers.generate`` on the trainer's exported weights. The same runs at TP=1 and TP=2 (rank 0 hosts the
+server and owns the engine; rank 1 only walks the collective export); step 0 of both sees the same server
+rollouts and computes the same loss. Metrics are not compared with a
 ``rollout.engine=local`` run: the stand-in seeds each row (``sampling_seed``) while LocalEngine seeds one
 generator per call, so the same seed gives different (equally valid) samples.
 """
@@ -17,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from dist_utils import spawn
 
 HERE = Path(__file__).parent
@@ -58,6 +61,7 @@ def _sampling_rows(body: dict) -> list[dict]:
 
 
 def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
+    """TP=``world``; rank 0 hosts the stand-in and owns the engine, every rank trains and exports."""
     import dataclasses
 
     import torch
@@ -76,6 +80,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     from megatron_scpo.rollout.sglang import bucket_named_tensors
     from megatron_scpo.trainer.rl import rl_step
     from megatron_scpo.trainer.run import _model_source, _write_tiny_model, algo_for, build_runtime, quiet_warnings
+    from megatron_scpo.trainer.runtime import barrier, broadcast_object
 
     quiet_warnings()
     answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups, deterministic
@@ -84,87 +89,95 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     # then finds it and loads the same weights into Megatron).
     probe = _cfg("http://127.0.0.1:1", str(run / "sync"))
     hf_dir, _, tok = _model_source(probe, run)
-    run.mkdir(parents=True, exist_ok=True)
-    _write_tiny_model(probe, hf_dir, tok)
-    server = SGLangStandin(LocalEngine.from_pretrained(hf_dir, tokenizer=load_tokenizer(hf_dir)),
-                           model_path=str(hf_dir)).start()
+    server = None
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        _write_tiny_model(probe, hf_dir, tok)
+        server = SGLangStandin(LocalEngine.from_pretrained(hf_dir, tokenizer=load_tokenizer(hf_dir)),
+                               model_path=str(hf_dir)).start()
+    barrier()
+    url = broadcast_object(server.url if server is not None else None)
     res: dict = {}
     try:
-        cfg = _cfg(server.url, str(run / "sync"))
+        cfg = _cfg(url, str(run / "sync"))
         rt = build_runtime(cfg, run)
-        assert type(rt.engine).__name__ == "SGLangEngine", type(rt.engine)
         records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)
         method = build_method(algo_for(cfg, "grpo"))
         calls: list = []
-        real_generate = rt.engine.generate
+        if rank == 0:
+            assert type(rt.engine).__name__ == "SGLangEngine", type(rt.engine)
+            real_generate = rt.engine.generate
 
-        def recording_generate(prompts, n, params):
-            out = real_generate(prompts, n, params)
-            calls.append((prompts, n, params, out))
-            return out
+            def recording_generate(prompts, n, params):
+                out = real_generate(prompts, n, params)
+                calls.append((prompts, n, params, out))
+                return out
 
-        rt.engine.generate = recording_generate
+            rt.engine.generate = recording_generate
+        else:
+            assert rt.engine is None
         start = [p.detach().clone() for p in rt.policy.modules()[0].parameters()]
         steps = []
         for step, mode in enumerate(("disk", "tensor")):
-            rt.engine.cfg = dataclasses.replace(rt.engine.cfg, weight_sync=mode)
-            n_req = len(server.requests)
+            if rank == 0:
+                rt.engine.cfg = dataclasses.replace(rt.engine.cfg, weight_sync=mode)
+                n_req = len(server.requests)
             m = rl_step(rt, method, records, step=step, seed=77 + step)
+            rec = {"mode": mode, "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}
+            steps.append(rec)
+            if rank != 0:
+                continue
             paths = _paths_since(server, n_req)
             gen_bodies = [b for p, b in server.requests[n_req:] if p == "/generate"
                           and _sampling_rows(b)[0].get("max_new_tokens", 0) > 0]
             first_sync = paths.index("/pause_generation")
             sync_paths = [p for p in paths[first_sync:] if p != "/generate"]  # /generate after = post-sync check
-            n_updates = sum(p.startswith("/update_weights_from_") for p in sync_paths)
             prompts, n, params, out = calls[-1]
-            seeds = sorted(sp["sampling_seed"] for b in gen_bodies for sp in _sampling_rows(b))
-            steps.append({
-                "mode": mode, "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))},
+            rec.update({
                 "gen_rows": sum(len(b["input_ids"]) for b in gen_bodies), "n": n, "prompts": len(prompts),
-                "seeds": seeds, "param_seed": params.seed,
-                "sample_versions": sorted({s.weight_version for g in out for s in g}),
+                "seeds": sorted(sp["sampling_seed"] for b in gen_bodies for sp in _sampling_rows(b)),
+                "param_seed": params.seed, "sample_versions": sorted({s.weight_version for g in out for s in g}),
                 "sync_paths": [p for i, p in enumerate(sync_paths) if i == 0 or p != sync_paths[i - 1]],
-                "n_updates": n_updates, "gen_before_sync": "/generate" in paths[:first_sync],
-                "server_version": server.weight_version,
+                "n_updates": sum(p.startswith("/update_weights_from_") for p in sync_paths),
+                "gen_before_sync": "/generate" in paths[:first_sync], "server_version": server.weight_version,
             })
-        # the server now holds exactly the trainer's weights (HF names; tied lm_head is not exported)
-        served = server.engine.model.state_dict()
-        exported = dict(iter_hf_tensors(rt.policy.modules(), rt.hf_config))
-        res["weights_max_diff"] = max(float((served[k] - t).abs().max()) for k, t in exported.items())
-        res["weights_names_ok"] = set(exported) <= set(served)
+        res["steps"] = steps
+        exported = dict(iter_hf_tensors(rt.policy.modules(), rt.hf_config))  # collective
         moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(rt.policy.modules()[0].parameters(), start))
         res["moved"] = moved
-        # greedy: the server vs transformers.generate on the trainer's exported weights (independent decode)
-        ref = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True)
-        missing, unexpected = ref.load_state_dict(exported, strict=False)
-        res["ref_load"] = {"missing": sorted(missing), "unexpected": sorted(unexpected)}
-        ref.eval()
-        prompts = [rt.encode_prompt(r.problem) for r in records]
-        greedy = rt.engine.generate(prompts, 1, SamplingParams(max_new_tokens=16, temperature=0.0,
-                                                               stop_token_ids=[rt.eos_id]))
-        res["greedy_equal"], res["greedy_versions"] = [], sorted({g[0].weight_version for g in greedy})
-        for p, g in zip(prompts, greedy):
-            with torch.no_grad():
-                full = ref.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, eos_token_id=rt.eos_id,
-                                    pad_token_id=rt.pad_id)[0, len(p):].tolist()
-            if rt.eos_id in full:
-                full = full[: full.index(rt.eos_id) + 1]
-            res["greedy_equal"].append(full == g[0].token_ids)
-        res["steps"] = steps
-        res["disk_dirs"] = sorted(d.name for d in (run / "sync").iterdir())
-        res["disk_shards"] = len(list((run / "sync" / "weights_v1").glob("*.safetensors")))
-        res["n_buckets"] = len(list(bucket_named_tensors(exported.items(), int(0.05 * 2**20))))
-        rt.engine.shutdown()
+        if rank == 0:
+            # the server now holds exactly the trainer's weights (HF names; tied lm_head is not exported)
+            served = server.engine.model.state_dict()
+            res["weights_max_diff"] = max(float((served[k] - t).abs().max()) for k, t in exported.items())
+            res["weights_names_ok"] = set(exported) <= set(served)
+            # greedy: the server vs transformers.generate on the trainer's exported weights (independent decode)
+            ref = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True)
+            missing, unexpected = ref.load_state_dict(exported, strict=False)
+            res["ref_load"] = {"missing": sorted(missing), "unexpected": sorted(unexpected)}
+            ref.eval()
+            prompts = [rt.encode_prompt(r.problem) for r in records]
+            greedy = rt.engine.generate(prompts, 1, SamplingParams(max_new_tokens=16, temperature=0.0,
+                                                                   stop_token_ids=[rt.eos_id]))
+            res["greedy_versions"] = sorted({g[0].weight_version for g in greedy})
+            res["greedy"], res["greedy_ref"] = [g[0].token_ids for g in greedy], []
+            for p in prompts:
+                with torch.no_grad():
+                    full = ref.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
+                                        eos_token_id=rt.eos_id, pad_token_id=rt.pad_id)[0, len(p):].tolist()
+                res["greedy_ref"].append(full[: full.index(rt.eos_id) + 1] if rt.eos_id in full else full)
+            res["disk_dirs"] = sorted(d.name for d in (run / "sync").iterdir())
+            res["disk_shards"] = len(list((run / "sync" / "weights_v1").glob("*.safetensors")))
+            res["n_buckets"] = len(list(bucket_named_tensors(exported.items(), int(0.05 * 2**20))))
+            rt.engine.shutdown()
     finally:
-        server.stop()
-    with open(out_path, "w") as f:
-        json.dump(res, f)
+        if server is not None:
+            server.stop()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(res, f)
 
 
-def test_rl_steps_against_sglang_standin(tmp_path):
-    out = tmp_path / "res.json"
-    spawn(_worker, world_size=1, args=(str(out), str(tmp_path / "run")))
-    res = json.loads(out.read_text())
+def _check_run(res: dict, world: int) -> None:
     rows = 3 * 4  # rl.prompts_per_step x rollout.n_samples
     for i, s in enumerate(res["steps"]):
         m = s["metrics"]
@@ -175,18 +188,34 @@ def test_rl_steps_against_sglang_standin(tmp_path):
         # samples come from the weights of the previous sync (step 0: the start checkpoint, version 0)
         assert s["sample_versions"] == [i], s
         # the server's sample log-probs are the trainer's own log-probs of those samples (same weights)
-        assert m["train_rollout_logprob_abs_diff"] < 1e-4, m
+        assert m["train_rollout_logprob_abs_diff"] < 1e-4, (world, m)
         # the sync went through the configured method, in the documented order, to the new version
         assert s["sync_paths"] == SYNC_SEQUENCE[s["mode"]], s  # (repeated bucket requests collapsed)
         assert s["n_updates"] == (1 if s["mode"] == "disk" else res["n_buckets"]), (s, res["n_buckets"])
         assert s["server_version"] == str(i + 1) and m["weight_version"] == i + 1, s
         # post-sync check: server and trainer score the same sequences after the update
-        assert 0 <= m["rollout_logprob_abs_diff"] < 1e-4, m
+        assert 0 <= m["rollout_logprob_abs_diff"] < 1e-4, (world, m)
         assert m["grad_norm"] > 0 and 0 < m["acc/mean"] < 1, m
     assert res["moved"] > 0
     assert res["weights_names_ok"] and res["weights_max_diff"] == 0.0, res
     assert res["n_buckets"] > 1  # 50 KB buckets: the tensor sync sent several requests
-    # the disk sync wrote one versioned dir: one shard per bucket + index + the base config/tokenizer files
+    # the disk sync wrote one versioned dir: one shard per bucket (+ index + the base config/tokenizer files)
     assert res["disk_dirs"] == ["weights_v1"] and res["disk_shards"] == res["n_buckets"], res
     assert res["ref_load"]["unexpected"] == [] and set(res["ref_load"]["missing"]) <= {"lm_head.weight"}, res
-    assert res["greedy_versions"] == [2] and all(res["greedy_equal"]), res
+    assert res["greedy_versions"] == [2] and all(len(g) > 1 for g in res["greedy"]), res
+    assert res["greedy"] == res["greedy_ref"], (world, res["greedy"], res["greedy_ref"])
+
+
+@pytest.mark.distributed
+def test_rl_steps_against_sglang_standin(tmp_path):
+    res = {}
+    for world in (1, 2):
+        out = tmp_path / f"tp{world}.json"
+        spawn(_worker, world_size=world, args=(str(out), str(tmp_path / f"run{world}")))
+        res[world] = json.loads(out.read_text())
+        _check_run(res[world], world)
+    # TP=2 attaches the same way: step 0 sees the same server rollouts (same start weights, same row seeds)
+    m1, m2 = res[1]["steps"][0]["metrics"], res[2]["steps"][0]["metrics"]
+    for k in ("reward/mean", "acc/mean", "length/mean"):
+        assert m1[k] == pytest.approx(m2[k], abs=1e-6), (k, m1[k], m2[k])
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-3, abs=1e-5), (m1["loss"], m2["loss"])
