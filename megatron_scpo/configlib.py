@@ -119,6 +119,14 @@ def build(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     return obj
 
 
+def check_min(obj: Any, minimum: float, *names: str, strict: bool = False) -> None:
+    """Lower bounds for a section's ``validate()``: '<name> must be >= m, got v' ('> m' when strict)."""
+    for name in names:
+        v = getattr(obj, name)
+        if v < minimum or (strict and v == minimum):
+            raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {v}")
+
+
 def validate_tree(obj: Any, path: str = "") -> None:
     """Run ``validate()`` of a dataclass, re-raising its ValueError with the key path."""
     check = getattr(obj, "validate", None)

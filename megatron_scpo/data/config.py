@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_scpo.configlib import check_min
+
 
 @dataclass
 class SyntheticConfig:
@@ -50,5 +52,4 @@ class DataConfig:
     def validate(self) -> None:
         if self.source == "file" and not self.train_path:
             raise ValueError("source: file needs train_path")
-        if self.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        check_min(self, 1, "max_prompt_tokens")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_scpo.configlib import check_min
+
 
 @dataclass
 class SGLangConfig:
@@ -36,16 +38,9 @@ class SGLangConfig:
     pause_mode: Literal["abort", "retract", "in_place"] = "abort"
 
     def validate(self) -> None:
-        if self.weight_bucket_mb <= 0:
-            raise ValueError(f"weight_bucket_mb must be > 0, got {self.weight_bucket_mb}")
-        for name in ("num_servers", "tp_size", "max_batch_per_request"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        for name in ("startup_timeout_s", "request_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, 0, "weight_bucket_mb", "startup_timeout_s", "request_timeout_s", strict=True)
+        check_min(self, 1, "num_servers", "tp_size", "max_batch_per_request")
+        check_min(self, 0, "max_retries")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
 
@@ -71,21 +66,12 @@ class RolloutConfig:
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
     def validate(self) -> None:
-        if self.n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_min(self, 1, "n_samples", "max_new_tokens", "check_num_sequences", "local_max_batch_size")
+        check_min(self, 2, "check_seq_len")
+        check_min(self, 0, "temperature", "logprob_tolerance", strict=True)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k != -1 and self.top_k < 1:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.logprob_tolerance <= 0:
-            raise ValueError(f"logprob_tolerance must be > 0, got {self.logprob_tolerance}")
-        if self.check_num_sequences < 1 or self.check_seq_len < 2:
-            raise ValueError("check_num_sequences must be >= 1 and check_seq_len >= 2")
-        if self.local_max_batch_size < 1:
-            raise ValueError(f"local_max_batch_size must be >= 1, got {self.local_max_batch_size}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")

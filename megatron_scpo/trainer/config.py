@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_scpo.configlib import check_min
+
 # Methods a comparison may run; kept in sync with algo.config.MethodName (the registry rejects others).
 CompareMethod = Literal["scpo", "lapo_stage1", "lapo_stage2", "calibration", "grpo", "global_length_penalty"]
 
@@ -25,10 +27,8 @@ class OptimConfig:
     adam_eps: float = 1e-8
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.clip_grad < 0:
-            raise ValueError(f"clip_grad must be >= 0, got {self.clip_grad}")
+        check_min(self, 0, "lr", strict=True)
+        check_min(self, 0, "clip_grad")
 
 
 @dataclass
@@ -46,11 +46,8 @@ class RLConfig:
     overlong_reward: Literal["keep", "zero_advantage"] = "keep"  # truncated samples: keep method's reward or mask
 
     def validate(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        for name in ("prompts_per_step", "micro_batch_size", "mini_batches", "importance_micro_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, 0, "steps")
+        check_min(self, 1, "prompts_per_step", "micro_batch_size", "mini_batches", "importance_micro_batch")
 
 
 @dataclass
@@ -68,12 +65,10 @@ class SFTConfig:
     checkpoint_interval: int = 200  # SFT steps between mid-phase checkpoints (0: off; a stop always writes one)
 
     def validate(self) -> None:
-        if self.enabled and (self.steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1):
-            raise ValueError("steps, batch_size and micro_batch_size must be >= 1")
-        if self.checkpoint_interval < 0:
-            raise ValueError(f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.enabled:
+            check_min(self, 1, "steps", "batch_size", "micro_batch_size")
+        check_min(self, 0, "checkpoint_interval")
+        check_min(self, 0, "lr", strict=True)
 
 
 @dataclass
@@ -94,12 +89,10 @@ class RejectionSFTConfig:
     checkpoint_interval: int = 50
 
     def validate(self) -> None:
-        if self.enabled and min(self.n_prompts, self.n_samples, self.epochs, self.batch_size) < 1:
-            raise ValueError("n_prompts, n_samples, epochs and batch_size must be >= 1")
-        if self.checkpoint_interval < 0:
-            raise ValueError(f"checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.enabled:
+            check_min(self, 1, "n_prompts", "n_samples", "epochs", "batch_size")
+        check_min(self, 0, "checkpoint_interval")
+        check_min(self, 0, "temperature", strict=True)
 
 
 @dataclass
@@ -117,8 +110,7 @@ class EvalConfig:
     seed: int = 4321
 
     def validate(self) -> None:
-        if self.n_prompts < 1 or self.n_samples < 1:
-            raise ValueError("n_prompts and n_samples must be >= 1")
+        check_min(self, 1, "n_prompts", "n_samples")
         bad = [k for k in self.pass_k if k < 1 or k > self.n_samples]
         if bad:
             raise ValueError(f"pass_k values {bad} must be in [1, n_samples={self.n_samples}]")
@@ -172,8 +164,8 @@ class CheckpointConfig:
     keep: int = 2
 
     def validate(self) -> None:
-        if self.interval < 0 or self.keep < 1:
-            raise ValueError(f"interval must be >= 0 and keep >= 1, got {self.interval}, {self.keep}")
+        check_min(self, 0, "interval")
+        check_min(self, 1, "keep")
 
 
 @dataclass
