@@ -12,7 +12,7 @@ import json
 import math
 
 import pytest
-from dist_utils import spawn
+from trainer_tiny import TINY_RL, run_tp1_and_tp2
 
 METHODS = ["scpo", "grpo", "global_length_penalty", "calibration", "lapo_stage1", "lapo_stage2"]
 
@@ -21,15 +21,7 @@ def _cfg(tp: int):
     from megatron_scpo.config import load_config
 
     return load_config(None, [
-        "name=rlstep", f"parallel.tp={tp}", "data.source=synthetic", "data.template=synthetic",
-        "data.max_prompt_tokens=48", "data.synthetic.n_train=32", "data.synthetic.n_eval=4",
-        "data.synthetic.max_ops=2", "tiny_model.hidden_size=64", "tiny_model.intermediate_size=128",
-        "tiny_model.num_hidden_layers=2", "tiny_model.num_attention_heads=2", "tiny_model.num_key_value_heads=2",
-        "tiny_model.head_dim=32", "tiny_model.max_position_embeddings=256", "rollout.n_samples=4",
-        "rollout.max_new_tokens=20", "rollout.check_num_sequences=2", "rollout.check_seq_len=12",
-        "rl.prompts_per_step=3", "rl.micro_batch_size=4", "rl.mini_batches=2", "optim.lr=1e-3",
-        "algo.clip.adaptive=true", "algo.segmentation.min_step_tokens=1", "algo.lapo.default_budget=20",
-        "logging.tensorboard=false", "logging.progress=false", "eval.enabled=false",
+        *TINY_RL, "name=rlstep", f"parallel.tp={tp}", "algo.clip.adaptive=true", "algo.lapo.default_budget=20",
     ])
 
 
@@ -155,11 +147,7 @@ def _stop_agreement(rank: int, world: int, stop_file) -> list[bool]:
 
 @pytest.mark.distributed
 def test_rl_step_every_method_tp1_and_tp2(tmp_path):
-    res = {}
-    for world in (1, 2):
-        out = tmp_path / f"tp{world}.json"
-        spawn(_worker, world_size=world, args=(str(out), str(tmp_path / f"run{world}")))
-        res[world] = json.loads(out.read_text())
+    res = run_tp1_and_tp2(_worker, tmp_path)
     for name in METHODS:
         r1, r2 = res[1][name], res[2][name]
         assert 0.0 < r1["acc/mean"] < 1.0, name  # the stub gives mixed groups

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dist_utils import spawn
+from trainer_tiny import TINY_RL, run_tp1_and_tp2
 
 HERE = Path(__file__).parent
 SYNC_SEQUENCE = {
@@ -34,15 +34,7 @@ def _cfg(url: str, disk_dir: str):
     from megatron_scpo.config import load_config
 
     return load_config(None, [
-        "name=rlsglang", "parallel.tp=1", "data.source=synthetic", "data.template=synthetic",
-        "data.max_prompt_tokens=48", "data.synthetic.n_train=32", "data.synthetic.n_eval=4",
-        "data.synthetic.max_ops=2", "tiny_model.hidden_size=64", "tiny_model.intermediate_size=128",
-        "tiny_model.num_hidden_layers=2", "tiny_model.num_attention_heads=2", "tiny_model.num_key_value_heads=2",
-        "tiny_model.head_dim=32", "tiny_model.max_position_embeddings=256", "rollout.n_samples=4",
-        "rollout.max_new_tokens=20", "rollout.check_num_sequences=2", "rollout.check_seq_len=12",
-        "rl.prompts_per_step=3", "rl.micro_batch_size=4", "rl.mini_batches=2", "optim.lr=1e-3",
-        "algo.segmentation.min_step_tokens=1", "logging.tensorboard=false", "logging.progress=false",
-        "eval.enabled=false", "rollout.engine=sglang", f"rollout.sglang_urls=[{url}]",
+        *TINY_RL, "name=rlsglang", "parallel.tp=1", "rollout.engine=sglang", f"rollout.sglang_urls=[{url}]",
         "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_sync_dir={disk_dir}",
         "rollout.sglang.weight_bucket_mb=0.05", "rollout.sglang.max_batch_per_request=5",
         "rollout.sglang.max_retries=1", "rollout.sglang.retry_backoff_s=0.05",
@@ -208,11 +200,8 @@ def _check_run(res: dict, world: int) -> None:
 
 @pytest.mark.distributed
 def test_rl_steps_against_sglang_standin(tmp_path):
-    res = {}
+    res = run_tp1_and_tp2(_worker, tmp_path)
     for world in (1, 2):
-        out = tmp_path / f"tp{world}.json"
-        spawn(_worker, world_size=world, args=(str(out), str(tmp_path / f"run{world}")))
-        res[world] = json.loads(out.read_text())
         _check_run(res[world], world)
     # TP=2 attaches the same way: step 0 sees the same server rollouts (same start weights, same row seeds)
     m1, m2 = res[1]["steps"][0]["metrics"], res[2]["steps"][0]["metrics"]
