@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from scpo_kernels import NonFiniteError
 
+from megatron_scpo.algo import losses as algo_losses
 from megatron_scpo.backend import logprobs as lpmod
 from megatron_scpo.backend.config import ParallelConfig
 from megatron_scpo.backend.model import build_model, parse_hf_config, unwrap
@@ -313,7 +314,9 @@ class MegatronPolicy:
         else:
             tis = None
             if "rollout_logprobs" in mb:
-                tis = torch.exp(mb["old_logprobs"] - mb["rollout_logprobs"]).clamp(max=kw.get("tis_cap", 2.0))
+                tis = algo_losses.truncated_is_weights(
+                    mb["old_logprobs"].float(), mb["rollout_logprobs"].float(), cap=kw.get("tis_cap", 2.0)
+                )
             value, m = lpmod.policy_loss(
                 lp,
                 mb["old_logprobs"].float(),
@@ -613,11 +616,10 @@ class MegatronPolicy:
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref), 0 off ``mask``: exactly megatron_scpo.algo.losses.kl_k3 on
-    masked inputs (log-ratio clamped to +-20), so padding garbage never reaches the loss or the gradient."""
+    """The algo spec's per-token k3 KL on masked inputs (0 off ``mask``), so padding garbage never reaches the
+    loss or the gradient."""
     zero = torch.zeros_like(logprobs)
-    d = (torch.where(mask, ref_logprobs, zero) - torch.where(mask, logprobs, zero)).clamp(-20.0, 20.0)
-    return torch.exp(d) - d - 1.0
+    return algo_losses.kl_k3(torch.where(mask, logprobs, zero), torch.where(mask, ref_logprobs, zero))
 
 
 def _load_optimizer_state(opt: Any, state: Any) -> None:

@@ -2,7 +2,7 @@
 
 ``load_hf_into_model`` shards full HF tensors into this rank's parameters; ``iter_hf_tensors`` is the reverse,
 streaming full HF-named tensors one at a time (the weight-sync path to the rollout engines and the
-``mcore-to-hf`` exporter); ``bucket_by_bytes`` groups that stream for bulk transfers.
+``mcore-to-hf`` exporter); engines bucket that stream themselves (``rollout.sglang.bucket_named_tensors``).
 
 Sharding rules (megatron-core 0.16.1 local and TE specs): a TP-sharded tensor is a contiguous slice of the full
 Megatron tensor along ``McoreParam.tp_dim``, except ``linear_fc1`` where each rank holds ``[gate_r; up_r]``.
@@ -12,7 +12,7 @@ first stage (``pre_process``), final norm and output layer on the last (``post_p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,25 +177,3 @@ def iter_hf_tensors(chunks: Sequence[torch.nn.Module], hf_config: Any) -> Iterat
                 t = t.contiguous()
                 dist.broadcast(t, src=owner[key], group=pp_group)
             yield name, t
-
-
-def bucket_by_bytes(
-    tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group a (name, tensor) stream into lists of at most ``max_bytes`` each (a larger tensor travels alone).
-
-    Order is preserved and nothing is copied; the consumer sends one bucket while the producer fills the next.
-    """
-    if max_bytes <= 0:
-        raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > max_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if bucket:
-        yield bucket

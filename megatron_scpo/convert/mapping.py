@@ -23,7 +23,6 @@ Layouts that differ between HF and Megatron (the classic silent-bug sources, res
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -320,12 +319,3 @@ def check_tied_lm_head(hf: Mapping[str, torch.Tensor], info: ArchInfo, source: s
             f"{source}: tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; "
             "fix the config (set tie_word_embeddings=false) or the checkpoint"
         )
-
-
-_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-
-
-def split_layer_name(name: str) -> tuple[int, str] | None:
-    """``decoder.layers.3.mlp.linear_fc2.weight`` -> (3, ``mlp.linear_fc2.weight``); None for non-layer names."""
-    m = _LAYER_RE.match(name)
-    return (int(m.group(1)), m.group(2)) if m else None

@@ -13,7 +13,6 @@ With SGLang the same holds: rank 0 talks HTTP to the servers.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +145,4 @@ class Runtime:
                                  tolerance=self.cfg.rollout.logprob_tolerance)
             out["rollout_logprob_abs_diff"] = out["rollout_logprob_abs_diff_max"]
         return broadcast_object(out)
-
-
-def make_barrier() -> Callable[[], None]:
-    return barrier
 

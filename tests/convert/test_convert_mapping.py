@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from megatron_scpo.convert import hf_io
-from megatron_scpo.convert.live import _tp_slice, bucket_by_bytes
+from megatron_scpo.convert.live import _tp_slice
 from megatron_scpo.convert.mapping import (
     ArchInfo,
     ConversionError,
@@ -179,15 +179,6 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path: Path):
     assert [p.name for p in target.iterdir()] == ["done.bin"]
     with pytest.raises(ConversionError, match="already exists"):
         hf_io.check_output_dir(target)
-
-
-def test_bucket_by_bytes_respects_limit_and_order():
-    ts = [(f"t{i}", torch.zeros(n, dtype=torch.float32)) for i, n in enumerate([10, 10, 30, 5, 100, 1])]
-    buckets = list(bucket_by_bytes(iter(ts), max_bytes=80))  # 80 B = 20 floats
-    assert [[n for n, _ in b] for b in buckets] == [["t0", "t1"], ["t2"], ["t3"], ["t4"], ["t5"]]
-    assert [n for b in buckets for n, _ in b] == [n for n, _ in ts]
-    with pytest.raises(ValueError, match="max_bytes"):
-        list(bucket_by_bytes(iter(ts), 0))
 
 
 def test_top_level_cli_dispatch_reports_bad_input(tmp_path: Path, capsys):
