@@ -12,6 +12,8 @@ from typing import Literal
 from megatron_scpo.configlib import check_min
 
 # Methods a comparison may run; kept in sync with algo.config.MethodName (the registry rejects others).
+DEFAULT_MAX_DRAWS = 4  # rl.dynamic_sampling_max_draws when null (verl's max_num_gen_batches is unbounded by default)
+
 CompareMethod = Literal["scpo", "lapo_stage1", "lapo_stage2", "calibration", "grpo", "global_length_penalty"]
 
 
@@ -43,11 +45,35 @@ class RLConfig:
     seed: int = 1234
     sync_check: bool = True  # post-sync check after every weight sync (rollout.check_num_sequences sequences)
     importance_micro_batch: int = 32  # teacher-forced scoring batch for the SCPO importance estimator
-    overlong_reward: Literal["keep", "zero_advantage"] = "keep"  # truncated samples: keep method's reward or mask
+    # How a response cut at max_new_tokens (finish reason ``length``) or left inside an open think block is
+    # graded, in RL rollouts, stage-1 rejection sampling and evaluation alike (data/verify.py): ``wrong``
+    # (default; DAPO/verl: an unfinished response earns no credit) or ``grade`` (graded on the whole text).
+    truncated_grading: Literal["wrong", "grade"] = "wrong"
+    # DAPO overlong filtering (Yu et al. 2025, section 3.4): truncated samples (finish reason ``length``) are
+    # removed from the loss mask, so they add nothing to the policy-loss numerator, its token/sequence
+    # denominator or the KL term. They still count in their group's reward statistics.
+    overlong_filter: bool = False
+    # DAPO dynamic sampling (section 3.2; verl ``algorithm.filter_groups`` with metric ``acc``): groups whose
+    # samples are all correct or all wrong (as graded, after aborted samples are dropped) are filtered and
+    # more prompts are drawn, ``prompts_per_step`` at a time, until ``prompts_per_step`` groups are kept or
+    # ``dynamic_sampling_max_draws`` generation rounds were run (then the step trains on the groups it has).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int | None = None  # generation rounds per step; null: 4 (needs dynamic_sampling)
 
     def validate(self) -> None:
         check_min(self, 0, "steps")
         check_min(self, 1, "prompts_per_step", "micro_batch_size", "mini_batches", "importance_micro_batch")
+        if self.dynamic_sampling_max_draws is not None:
+            if not self.dynamic_sampling:
+                raise ValueError("dynamic_sampling_max_draws does nothing without dynamic_sampling: true")
+            check_min(self, 1, "dynamic_sampling_max_draws")
+
+    @property
+    def max_draws(self) -> int:
+        """Generation rounds per RL step: 1 without dynamic sampling, else the configured bound (default 4)."""
+        if not self.dynamic_sampling:
+            return 1
+        return DEFAULT_MAX_DRAWS if self.dynamic_sampling_max_draws is None else self.dynamic_sampling_max_draws
 
 
 @dataclass
@@ -162,6 +188,9 @@ class TinyModelConfig:
 class CheckpointConfig:
     interval: int = 25  # RL steps; 0 disables periodic checkpoints (stage ends are always saved)
     keep: int = 2
+    # Every checkpoint also holds an HF safetensors copy in <ckpt>/hf/ (config, tokenizer and generation config
+    # are there either way), written inside the checkpoint's atomic save (trainer/checkpoint.py).
+    save_hf: bool = False
 
     def validate(self) -> None:
         check_min(self, 0, "interval")

@@ -18,15 +18,22 @@ from megatron_scpo.trainer.evaluate_math import ae_score, aggregate
 
 
 def score_samples(records: Sequence[Any], outputs: Sequence[Sequence[Any]], tokenizer: Any,
-                  synthetic_task: bool) -> list[dict[str, Any]]:
-    """Engine outputs -> per-sample records for ``aggregate`` (correctness, tokens, step-kind tokens)."""
-    from megatron_scpo.data.answers import is_correct
+                  synthetic_task: bool, grading: Any = None, prompts: Sequence[str] | None = None
+                  ) -> list[dict[str, Any]]:
+    """Engine outputs -> per-sample records for ``aggregate`` (correctness, tokens, step-kind tokens).
+
+    Correctness is data/verify.py's ``grading`` (default ``Grading()``: truncated or unclosed-think responses
+    are wrong) with each record's rendered prompt text from ``prompts``.
+    """
+    from megatron_scpo.data.verify import Grading
     from megatron_scpo.trainer.rl import token_offsets
 
+    grading = grading or Grading()
     out = []
-    for rec, samples in zip(records, outputs):
+    for j, (rec, samples) in enumerate(zip(records, outputs)):
         for s in samples:
-            row: dict[str, Any] = {"prompt_id": rec.id, "correct": bool(is_correct(s.text, rec.answer)),
+            ok = grading.grade(s.text, str(rec.answer), s.finish_reason, prompts[j] if prompts else "")
+            row: dict[str, Any] = {"prompt_id": rec.id, "correct": ok,
                                    "n_tokens": len(s.token_ids), "truncated": s.finish_reason == "length"}
             diff = (rec.meta or {}).get("difficulty")
             if diff is not None:
@@ -44,15 +51,16 @@ def score_samples(records: Sequence[Any], outputs: Sequence[Sequence[Any]], toke
 def run_eval(engine: Any, tokenizer: Any, cfg: Any, records: Sequence[Any], encode: Any) -> dict[str, Any]:
     """Generate ``eval.n_samples`` per record with the eval sampling settings and aggregate."""
     from megatron_scpo.data.templates import render_prompt
+    from megatron_scpo.data.verify import Grading
     from megatron_scpo.rollout.base import SamplingParams
 
     e = cfg.eval
     params = SamplingParams(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, temperature=e.temperature,
                             top_p=e.top_p, stop_token_ids=[int(tokenizer.eos_token_id)], seed=e.seed,
                             greedy=e.greedy)
-    prompts = [encode(render_prompt(r.problem, cfg.data.template, tokenizer)) for r in records]
-    outputs = engine.generate(prompts, e.n_samples, params)
-    rows = score_samples(records, outputs, tokenizer, cfg.data.source == "synthetic")
+    texts = [render_prompt(r.problem, cfg.data.template, tokenizer) for r in records]
+    outputs = engine.generate([encode(t) for t in texts], e.n_samples, params)
+    rows = score_samples(records, outputs, tokenizer, cfg.data.source == "synthetic", Grading.from_config(cfg), texts)
     result = aggregate(rows, e.pass_k)
     example = outputs[0][0]
     result["example"] = {"problem": records[0].problem, "answer": records[0].answer, "response": example.text}

@@ -7,13 +7,21 @@ is the kernels' policy_loss dispatch) -> weight sync via the streaming export ->
 metrics (+ checkpoint, driven by run.py).
 
 Rollouts happen on rank 0 and are broadcast (runtime.py explains why).
+
+Before rewards (``collect_rollouts``): every sample is graded by data/verify.py (truncated or unclosed
+responses are wrong unless ``rl.truncated_grading: grade``); samples the engine aborted are dropped and
+their group shrinks (a group with fewer than 2 samples left is dropped: it has no baseline); with
+``rl.dynamic_sampling`` groups whose correctness is all equal are filtered and more prompts are drawn.
+With ``rl.overlong_filter`` truncated samples leave the loss mask (DAPO overlong filtering).
+Metrics of these filters: ``rollout/aborted``, ``rollout/dropped_groups``, ``rollout/filtered_groups``,
+``rollout/draws``, ``rollout/groups``, ``rollout/overlong_filtered``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -25,24 +33,55 @@ from megatron_scpo.trainer.runtime import Runtime, broadcast_object
 
 @dataclass
 class Rollouts:
-    """One step's samples, flattened (B = prompts x n), identical on every rank after the broadcast."""
+    """One step's samples, flattened (B = prompts x n), identical on every rank after the broadcast.
 
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    rollout_logprobs: list[list[float]]
-    texts: list[str]
-    truncated: list[bool]
-    correct: list[bool]
-    group_ids: list[int]
-    prompt_keys: list[str]
-    golds: list[str]
-    problems: list[str]
-    difficulty: list[int | None]
-    offsets: list[list[tuple[int, int]]]
+    Every field is a list with one entry per sample; ``group_ids`` index the step's prompts (0..G-1).
+    ``correct`` is data.verify's grade; ``truncated`` is finish reason ``length``.
+    """
+
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    response_ids: list[list[int]] = field(default_factory=list)
+    rollout_logprobs: list[list[float]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    group_ids: list[int] = field(default_factory=list)
+    prompt_keys: list[str] = field(default_factory=list)
+    golds: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    difficulty: list[int | None] = field(default_factory=list)
+    offsets: list[list[tuple[int, int]]] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         return len(self.response_ids)
+
+    @property
+    def num_groups(self) -> int:
+        return len(set(self.group_ids))
+
+    def select(self, idx: Sequence[int], group_offset: int = 0) -> Rollouts:
+        """Samples ``idx`` (in that order), group ids renumbered 0.. in order of appearance (+ ``group_offset``)."""
+        out = Rollouts()
+        remap: dict[int, int] = {}
+        for i in idx:
+            for f in fields(self):
+                getattr(out, f.name).append(getattr(self, f.name)[i])
+            out.group_ids[-1] = remap.setdefault(self.group_ids[i], group_offset + len(remap))
+        return out
+
+    def extend(self, other: Rollouts) -> None:
+        """Append ``other``'s samples (its group ids must already be distinct from this batch's)."""
+        for f in fields(self):
+            getattr(self, f.name).extend(getattr(other, f.name))
+
+    def groups(self) -> dict[int, list[int]]:
+        """Group id -> sample indices, groups in order of first appearance."""
+        out: dict[int, list[int]] = {}
+        for i, g in enumerate(self.group_ids):
+            out.setdefault(g, []).append(i)
+        return out
 
 
 def token_offsets(tokenizer: Any, ids: Sequence[int], text: str) -> list[tuple[int, int]]:
@@ -69,22 +108,29 @@ def token_offsets(tokenizer: Any, ids: Sequence[int], text: str) -> list[tuple[i
 
 def generate_rollouts(rt: Runtime, records: Sequence[Any], prompt_texts: Sequence[str], n: int,
                       params: Any) -> Rollouts:
-    """Rank 0 samples ``n`` responses per prompt and verifies them; every rank gets the same Rollouts."""
-    from megatron_scpo.data.answers import is_correct
+    """Rank 0 samples ``n`` responses per prompt and grades them; every rank gets the same Rollouts.
+
+    Grading is data.verify's (``rl.truncated_grading``, the segmentation's think markers, the prompt text to
+    see whether it opened a think block). Aborted samples are kept here (``finish_reasons``) and graded
+    wrong; the RL step drops them (``drop_aborted``).
+    """
+    from megatron_scpo.data.verify import Grading
 
     result = None
     if rt.is_main:
+        grading = Grading.from_config(rt.cfg)
         prompts = [rt.encode_prompt(t) for t in prompt_texts]
         out = rt.engine.generate(prompts, n, params)
-        r = Rollouts([], [], [], [], [], [], [], [], [], [], [], [])
-        for gi, (rec, samples) in enumerate(zip(records, out)):
+        r = Rollouts()
+        for gi, (rec, text, samples) in enumerate(zip(records, prompt_texts, out)):
             for s in samples:
                 r.prompt_ids.append(list(s.prompt_ids))
                 r.response_ids.append(list(s.token_ids))
                 r.rollout_logprobs.append(list(s.logprobs))
                 r.texts.append(s.text)
                 r.truncated.append(s.finish_reason == "length")
-                r.correct.append(bool(is_correct(s.text, rec.answer)))
+                r.correct.append(grading.grade(s.text, str(rec.answer), s.finish_reason, prompt=text))
+                r.finish_reasons.append(str(s.finish_reason))
                 r.group_ids.append(gi)
                 r.prompt_keys.append(str(rec.id))
                 r.golds.append(str(rec.answer))
@@ -93,6 +139,107 @@ def generate_rollouts(rt: Runtime, records: Sequence[Any], prompt_texts: Sequenc
                 r.offsets.append(token_offsets(rt.tokenizer, s.token_ids, s.text))
         result = r
     return broadcast_object(result)
+
+
+def drop_aborted(r: Rollouts, min_group_size: int = 2) -> tuple[Rollouts, int, int]:
+    """Remove samples with finish reason ``abort``, then groups left with fewer than ``min_group_size``.
+
+    An aborted sample (the engine gave up: server restart, request cancelled) is no answer at all: training
+    on it as a wrong answer would punish whatever tokens it had produced. Its group is re-normalized over
+    the samples that remain (the method simply sees a smaller group); a group of one has no baseline and
+    is dropped whole. Returns (kept rollouts with group ids renumbered 0.., aborted samples, dropped groups).
+    """
+    aborted = sum(1 for f in r.finish_reasons if f == "abort")
+    keep: list[int] = []
+    dropped = 0
+    for idx in r.groups().values():
+        ok = [i for i in idx if r.finish_reasons[i] != "abort"]
+        if len(ok) >= min_group_size:
+            keep.extend(ok)
+        else:
+            dropped += 1
+    return r.select(keep), aborted, dropped
+
+
+def filter_uniform_groups(r: Rollouts) -> tuple[Rollouts, int]:
+    """DAPO dynamic sampling's filter: drop groups whose samples are all correct or all wrong.
+
+    The criterion is the graded correctness the method sees (after ``drop_aborted`` and truncated grading),
+    i.e. DAPO's "accuracy std 0" (verl ``filter_groups.metric: acc``). For accuracy-driven methods such a
+    group has zero advantage; for length-aware methods an all-correct group still carries a length signal,
+    which this filter discards (documented next to ``rl.dynamic_sampling``). Returns (kept, filtered groups).
+    """
+    keep: list[int] = []
+    filtered = 0
+    for idx in r.groups().values():
+        if len({r.correct[i] for i in idx}) > 1:
+            keep.extend(idx)
+        else:
+            filtered += 1
+    return r.select(keep), filtered
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """Sampling seed of generation round ``draw`` of a step whose seed is ``seed`` (round 0 keeps ``seed``).
+
+    A pure function of (step seed, round), so a resumed step repeats every round exactly; kept below 2**31
+    for engines with 32-bit seeds.
+    """
+    return seed if draw == 0 else (seed * 1_000_003 + draw * 7_919) % (2**31 - 1)
+
+
+@dataclass
+class Collected:
+    """What ``collect_rollouts`` hands the rest of the step."""
+
+    rollouts: Rollouts
+    drawn: list[Any]  # every record drawn this step (data consumption, in order)
+    metrics: dict[str, float]
+
+
+def collect_rollouts(rt: Runtime, method: Any, records: Sequence[Any], seed: int,
+                     draw: Callable[[int], Sequence[Any]] | None = None) -> Collected:
+    """Rollouts of the step's prompts, graded, aborted samples dropped, optionally dynamic sampling.
+
+    Without ``rl.dynamic_sampling``: one generation round on ``records``. With it: rounds continue on
+    ``draw(prompts_per_step)`` (the run's PromptIterator, so the data position advances by exactly the
+    prompts drawn and a resume repeats them) until ``len(records)`` informative groups are kept or
+    ``rl.max_draws`` rounds ran; surplus groups of the last round are discarded (as verl does). Round k
+    samples with ``draw_seed(seed, k)``. Every rank takes the same decisions (they read broadcast data).
+    Collective: every rank must call it.
+    """
+    from megatron_scpo.data.templates import render_prompt
+
+    cfg = rt.cfg
+    target = len(records)
+    if cfg.rl.dynamic_sampling and draw is None:
+        raise ValueError("rl.dynamic_sampling needs a prompt source to draw more prompts from (draw=...)")
+    kept = Rollouts()
+    drawn: list[Any] = []
+    batch: Sequence[Any] = records
+    m = {"rollout/aborted": 0.0, "rollout/dropped_groups": 0.0, "rollout/filtered_groups": 0.0, "rollout/draws": 0.0}
+    for k in range(cfg.rl.max_draws):
+        if k > 0:
+            batch = list(draw(target))  # type: ignore[misc]
+        drawn.extend(batch)
+        texts = [method.prepare_prompt(render_prompt(rec.problem, cfg.data.template, rt.tokenizer), str(rec.id))
+                 for rec in batch]
+        params = sampling_params(rt, cfg.rollout.temperature, draw_seed(seed, k))
+        r = generate_rollouts(rt, batch, texts, cfg.rollout.n_samples, params)
+        m["rollout/draws"] += 1
+        r, aborted, dropped = drop_aborted(r)
+        m["rollout/aborted"] += aborted
+        m["rollout/dropped_groups"] += dropped
+        if cfg.rl.dynamic_sampling:
+            r, filtered = filter_uniform_groups(r)
+            m["rollout/filtered_groups"] += filtered
+            groups = list(r.groups().values())[: target - kept.num_groups]
+            r = r.select([i for g in groups for i in g])
+        kept.extend(r.select(range(r.size), group_offset=kept.num_groups))
+        if not cfg.rl.dynamic_sampling or kept.num_groups >= target:
+            break
+    m["rollout/groups"] = float(kept.num_groups)
+    return Collected(kept, drawn, m)
 
 
 def segment(rt: Runtime, r: Rollouts) -> list[Any]:
@@ -219,35 +366,56 @@ TRAIN_METRIC_NAMES = {"clip_frac_low": "clip/frac_low", "clip_frac_high": "clip/
 
 
 def train_on(rt: Runtime, packed: PackedBatch, tensors: dict[str, torch.Tensor], loss: str,
-             loss_kwargs: dict[str, Any], mini_batches: int, micro_batch_size: int) -> dict[str, float]:
-    """``mini_batches`` optimizer steps over consecutive slices of the batch; metrics averaged.
+             loss_kwargs: dict[str, Any], mini_batches: int, micro_batch_size: int,
+             sample_mask: torch.Tensor | None = None) -> dict[str, float]:
+    """``mini_batches`` optimizer steps over consecutive slices of the batch; metrics averaged over them.
 
     With data parallelism each DP rank trains on every dp-th row of the slice (the backend all-reduces
     gradients and normalizes the loss over the global token count).
+
+    ``sample_mask`` [B] bool (e.g. DAPO overlong filtering): rows outside it stay in the batch but leave
+    the loss mask, so they add nothing to the loss numerator, its denominator (tokens for token-mean,
+    sequences for seq-mean-token-mean) or the KL term. A mini-batch with no loss token left (on any rank:
+    the decision reads the global batch, so every rank agrees) is not stepped and counts in
+    ``train/empty_minibatches``: a step on a zero gradient would still move the weights through Adam's
+    momentum and weight decay. When samples were dropped (aborts, dynamic sampling) and the batch has fewer
+    than ``mini_batches * dp`` rows, it is cut into ``max(1, B // dp)`` mini-batches, and a slice with fewer
+    rows than DP ranks is padded with fully masked copies of its first row.
     """
     B = packed.input_ids.shape[0]
     info = getattr(rt.policy, "info", None)
     dp, dp_rank = (info.dp, info.dp_rank) if info is not None else (1, 0)
-    bounds = [round(i * B / mini_batches) for i in range(mini_batches + 1)]
+    n_mb = min(mini_batches, max(1, B // dp))
+    bounds = [round(i * B / n_mb) for i in range(n_mb + 1)]
+    loss_mask = packed.loss_mask if sample_mask is None else packed.loss_mask & sample_mask.bool()[:, None]
     agg: dict[str, float] = {}
-    skipped = 0
-    for k in range(mini_batches):
-        idx = list(range(bounds[k], bounds[k + 1]))[dp_rank::dp]
-        if len(range(bounds[k], bounds[k + 1])) < dp:
-            raise ValueError(f"mini-batch {k} has {bounds[k + 1] - bounds[k]} samples for {dp} data-parallel "
-                             "ranks: raise rl.prompts_per_step or lower rl.mini_batches")
+    skipped = empty = 0
+    steps: list[dict[str, Any]] = []
+    for k in range(n_mb):
+        rows = list(range(bounds[k], bounds[k + 1]))
+        if not bool(loss_mask[rows].any()):
+            empty += 1
+            continue
+        n_pad = max(0, dp - len(rows))
+        padded, is_pad = rows + [rows[0]] * n_pad, [False] * len(rows) + [True] * n_pad
+        idx, pad = padded[dp_rank::dp], torch.tensor(is_pad[dp_rank::dp], dtype=torch.bool)
         sub = packed.select(idx)
         s = sub.input_ids.shape[1]
-        batch = {"input_ids": sub.input_ids, "attention_mask": sub.attention_mask, "loss_mask": sub.loss_mask}
+        batch = {"input_ids": sub.input_ids, "attention_mask": sub.attention_mask,
+                 "loss_mask": loss_mask[idx, :s] & ~pad[:, None]}
         for name, t in tensors.items():
             batch[name] = t[idx] if t.dim() == 1 else t[idx, :s]
         m = rt.train_step(batch, loss, loss_kwargs, micro_batch_size)
         skipped += int(bool(m.get("skipped", False)) or not math.isfinite(float(m.get("loss", 0.0))))
+        steps.append(m)
+    for m in steps:
         for key, v in m.items():
             if isinstance(v, (int, float)):
                 key = TRAIN_METRIC_NAMES.get(key, key)
-                agg[key] = agg.get(key, 0.0) + float(v) / mini_batches
+                agg[key] = agg.get(key, 0.0) + float(v) / len(steps)
     agg["train/skipped_updates"] = float(skipped)
+    agg["train/empty_minibatches"] = float(empty)
+    agg["train/mini_batches"] = float(len(steps))
     return agg
 
 
@@ -260,17 +428,30 @@ def sampling_params(rt: Runtime, temperature: float, seed: int) -> Any:
                           stop=list(ro.stop), stop_token_ids=sorted({rt.eos_id, *ro.stop_token_ids}), seed=seed)
 
 
-def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: int) -> dict[str, Any]:
-    """One full RL step on ``records`` (the step's prompts); returns the step's metrics."""
-    from megatron_scpo.data.templates import render_prompt
+def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: int,
+            draw: Callable[[int], Sequence[Any]] | None = None) -> dict[str, Any]:
+    """One full RL step on ``records`` (the step's prompts); returns the step's metrics.
 
+    ``draw(n)`` gives the next ``n`` prompts of the run's data order; it is required with
+    ``rl.dynamic_sampling`` (``collect_rollouts``) and unused otherwise. Collective: every rank calls it.
+    """
     cfg = rt.cfg
+    info = getattr(rt.policy, "info", None)
+    dp = info.dp if info is not None else 1
+    if cfg.rl.prompts_per_step * cfg.rollout.n_samples < cfg.rl.mini_batches * dp:
+        raise ValueError(f"rl.mini_batches={cfg.rl.mini_batches} mini-batches of {cfg.rl.prompts_per_step} x "
+                         f"{cfg.rollout.n_samples} samples leave fewer samples than the {dp} data-parallel ranks: "
+                         "raise rl.prompts_per_step or lower rl.mini_batches")
     timer = PhaseTimer()
-    texts = [method.prepare_prompt(render_prompt(rec.problem, cfg.data.template, rt.tokenizer), str(rec.id))
-             for rec in records]
-    params = sampling_params(rt, cfg.rollout.temperature, seed)
     with timer.phase("rollout"):
-        r = generate_rollouts(rt, records, texts, cfg.rollout.n_samples, params)
+        col = collect_rollouts(rt, method, records, seed, draw)
+    r = col.rollouts
+    prompt_ids = [str(rec.id) for rec in col.drawn]
+    if r.size == 0:  # every group aborted or filtered: nothing to learn from, the weights stay as they are
+        if rt.is_main:
+            print(f"[rl] step {step}: no trainable group left ({col.metrics}); no update", flush=True)
+        return {**col.metrics, **timer.metrics(), "train/num_tokens": 0.0, "weight_version": rt.weight_version,
+                "data/prompt_ids": prompt_ids}
     segs = segment(rt, r)
     packed = pack(r.prompt_ids, r.response_ids, rt.pad_id)
     T = cfg.rollout.temperature
@@ -283,8 +464,7 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
             importance, imp_metrics = compute_importance(rt, r, segs)
     out = method.compute(grouped(r, segs, importance))
     adv = out.advantages
-    if cfg.rl.overlong_reward == "zero_advantage":
-        adv = torch.where(torch.tensor(r.truncated)[:, None], torch.zeros_like(adv), adv)
+    sample_mask = ~torch.tensor(r.truncated, dtype=torch.bool) if cfg.rl.overlong_filter else None
     rollout_lp = packed.scatter(pad_response_tensors(r.rollout_logprobs))
     diff = (rollout_lp - old_lp).abs()[packed.loss_mask]
     tensors = {
@@ -306,11 +486,14 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
         tensors["rollout_logprobs"] = rollout_lp
         loss_kwargs["tis_cap"] = cfg.algo.loss.tis_cap
     with timer.phase("train"):
-        train_m = train_on(rt, packed, tensors, "policy", loss_kwargs, cfg.rl.mini_batches, cfg.rl.micro_batch_size)
+        train_m = train_on(rt, packed, tensors, "policy", loss_kwargs, cfg.rl.mini_batches, cfg.rl.micro_batch_size,
+                           sample_mask=sample_mask)
     with timer.phase("sync"):
         sync_m = rt.sync_weights()
     metrics: dict[str, Any] = {}
     metrics.update(out.metrics)
+    metrics.update(col.metrics)
+    metrics["rollout/overlong_filtered"] = float(sum(r.truncated)) if cfg.rl.overlong_filter else 0.0
     metrics.update(imp_metrics)
     metrics.update(rollout_stats(r, timer.seconds.get("rollout", 0.0)))
     if cfg.data.source == "synthetic":
@@ -321,7 +504,7 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
         metrics[k] = v
     skipped = int(train_m.get("train/skipped_updates", 0.0))
     if skipped:
-        n_mb = cfg.rl.mini_batches
+        n_mb = int(train_m.get("train/mini_batches", cfg.rl.mini_batches))
         what = [f"{name} in {round(train_m.get(key, 0.0) * n_mb)}/{n_mb} mini-batches"
                 for key, name in (("train/nonfinite_loss", "non-finite loss"),
                                   ("train/nonfinite_grad_norm", "non-finite grad norm")) if train_m.get(key, 0.0) > 0]
@@ -334,5 +517,5 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
     metrics.update(timer.metrics())
     metrics["perf/train_tokens_per_s"] = n_tok / max(timer.seconds.get("train", 0.0), 1e-9)
     metrics["weight_version"] = rt.weight_version
-    metrics["data/prompt_ids"] = [str(rec.id) for rec in records]
+    metrics["data/prompt_ids"] = prompt_ids
     return metrics

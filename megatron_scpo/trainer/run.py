@@ -199,7 +199,10 @@ class Pipeline:
         self.state["metrics_records"] = rt.logger.num_records() if rt.is_main else 0
         self.state["metrics_records"] = broadcast_object(self.state["metrics_records"])
         self.state["weight_version"] = rt.weight_version
-        rt.ckpt.save(rt.global_step, dict(self.state), rt.policy.save_checkpoint, snapshot=snapshot)
+        from megatron_scpo.trainer.checkpoint import hf_saver
+
+        rt.ckpt.save(rt.global_step, dict(self.state), rt.policy.save_checkpoint, snapshot=snapshot,
+                     save_hf=hf_saver(rt.policy, rt.hf_dir, rt.rank, self.cfg.checkpoint.save_hf))
 
     def resume(self) -> bool:
         rt = self.rt
@@ -371,7 +374,7 @@ class Pipeline:
         stage = f"rl/{name}"
         for step in range(start, c.steps):
             records = it.next_batch(c.prompts_per_step)
-            metrics = rl_step(rt, method, records, step, seed=c.seed * 100003 + step)
+            metrics = rl_step(rt, method, records, step, seed=c.seed * 100003 + step, draw=it.next_batch)
             rt.global_step += 1
             rt.logger.log(stage, step + 1, metrics)
             if step + 1 == c.steps:

@@ -164,7 +164,7 @@ def select_rejection_samples(groups: Sequence[Sequence[tuple[list[int], list[int
 
 
 def rejection_sample(rt: Runtime, records: Sequence[Any]) -> tuple[list[Pair], dict[str, float]]:
-    """Stage 1 data: sample ``n_samples`` per record, verify, select. Same result on every rank."""
+    """Stage 1 data: sample ``n_samples`` per record, grade (data/verify.py), select. Same result on every rank."""
     from megatron_scpo.data.templates import render_prompt
 
     c = rt.cfg.stage1
@@ -173,7 +173,9 @@ def rejection_sample(rt: Runtime, records: Sequence[Any]) -> tuple[list[Pair], d
     r = generate_rollouts(rt, records, texts, c.n_samples, params)
     groups: list[list[tuple[list[int], list[int], bool]]] = [[] for _ in records]
     for i in range(r.size):
-        if not r.truncated[i]:  # a truncated sample never counts as a clean correct trace
+        # only finished samples (finish reason stop) are candidates: a truncated or aborted one never counts
+        # as a clean correct trace, whatever rl.truncated_grading says (its grade comes from data/verify.py)
+        if r.finish_reasons[i] == "stop":
             groups[r.group_ids[i]].append((r.prompt_ids[i], r.response_ids[i], r.correct[i]))
     pairs = select_rejection_samples(groups, c.select)
     lens = [len(x) for x in r.response_ids]

@@ -9,7 +9,9 @@ from typing import Any
 
 from dist_utils import spawn
 
-# A 2-layer model on 2-operation synthetic problems: 3 prompts x 4 samples x 20 new tokens per step.
+# A 2-layer model on 2-operation synthetic problems: 3 prompts x 4 samples x 20 new tokens per step. A random
+# model never closes its think block within 20 tokens, so these tests grade the whole text (their verifier
+# stubs decide correctness); the truncated-grading default has its own tests (test_trainer_verify.py).
 TINY_RL = [
     "data.source=synthetic", "data.template=synthetic", "data.max_prompt_tokens=48", "data.synthetic.n_train=32",
     "data.synthetic.n_eval=4", "data.synthetic.max_ops=2", "tiny_model.hidden_size=64",
@@ -18,7 +20,7 @@ TINY_RL = [
     "rollout.n_samples=4", "rollout.max_new_tokens=20", "rollout.check_num_sequences=2", "rollout.check_seq_len=12",
     "rl.prompts_per_step=3", "rl.micro_batch_size=4", "rl.mini_batches=2", "optim.lr=1e-3",
     "algo.segmentation.min_step_tokens=1", "logging.tensorboard=false", "logging.progress=false",
-    "eval.enabled=false",
+    "eval.enabled=false", "rl.truncated_grading=grade",
 ]  # fmt: skip
 
 
