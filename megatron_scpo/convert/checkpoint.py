@@ -11,6 +11,12 @@ directory holds:
 - ``scpo_convert.json``: the architecture fields and the layout it was written at, checked against any
   ``--hf-config`` given later (a different config would otherwise load "fine" and be silently wrong).
 
+``mcore_to_hf`` also reads the trainer's own checkpoints (``RUN_DIR/checkpoints/<name>/``, or its ``model/``):
+their dist checkpoint also holds optimizer state (``optimizer.*`` keys; RNG and trainer state live in side files),
+which is training state and skipped; the model tensors must all be there. The config comes from the checkpoint's
+``hf/`` (written at every save by ``trainer.checkpoint.export_hf``), else the run's ``init_model/`` or its
+config's ``model.hf_path``; ``scpo_backend_meta.json`` is checked against it.
+
 Every rank of the job calls these functions (torchrun), or a single process does (a private 1-rank gloo group).
 Outputs appear all at once: written to a temp dir beside the target and renamed by rank 0 at the end.
 """
@@ -42,6 +48,14 @@ from megatron_scpo.convert.mapping import ArchInfo, ConversionError, arch_info, 
 META_FILE = "scpo_convert.json"
 HF_SUBDIR = "hf"
 FORMAT = "scpo-mcore-v1"
+# The trainer's checkpoint layout (trainer/checkpoint.py, backend/policy.py), named here so convert never imports
+# the trainer: RUN_DIR/checkpoints/<name>/{model/, hf/, trainer_state.json}, model/scpo_backend_meta.json.
+TRAINER_STATE_FILE = "trainer_state.json"
+TRAINER_MODEL_SUBDIR = "model"
+BACKEND_META_FILE = "scpo_backend_meta.json"
+# First key components of GPTModel tensors. A checkpoint key outside the model the config builds is training state
+# (optimizer.*, anything else a trainer stores) unless it starts with one of these: then the config is wrong.
+MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
 def _world_size() -> int:
@@ -74,11 +88,22 @@ def _setup(info: ArchInfo, tp: int, pp: int) -> None:
     init_parallel(tp, pp, num_heads=info.num_heads, num_kv_heads=info.num_kv_heads, num_layers=info.num_layers)
 
 
-def _build(hf_config: Any, tp: int, pp: int) -> list[Any]:
+def _build(hf_config: Any, tp: int, pp: int, dtype: str = "float32") -> list[Any]:
     from megatron_scpo.backend.config import ParallelConfig
     from megatron_scpo.backend.model import build_model
 
-    return build_model(hf_config, ParallelConfig(tp=tp, pp=pp), "float32")
+    return build_model(hf_config, ParallelConfig(tp=tp, pp=pp), dtype)
+
+
+def stored_dtype(directory: str | Path) -> str:
+    """``"bfloat16"`` when the checkpoint's word embedding is stored in bf16 (a bf16 training run), else
+    ``"float32"``: the model is built in the stored dtype so the load copies bits and the export keeps them."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    md = dist_checkpointing.load_tensors_metadata(str(directory))
+    emb = md.get("embedding.word_embeddings.weight")
+    return "bfloat16" if emb is not None and getattr(emb, "dtype", None) == torch.bfloat16 else "float32"
 
 
 def sharded_state_dict(chunks: Sequence[Any]) -> dict[str, Any]:
@@ -150,11 +175,20 @@ def load_mcore(chunks: Sequence[Any], directory: str | Path, info: ArchInfo) -> 
     check_mcore_dir(d)
     _check_shapes_against_model(chunks, d, info)
     try:
-        loaded = dist_checkpointing.load(sharded_state_dict(chunks), str(d), strict=StrictHandling.RAISE_ALL)
+        # RETURN_ALL: megatron's "missing" = stored but not requested (a trainer checkpoint's optimizer state),
+        # "unexpected" = requested but not stored. Both are judged below instead of raising on the first.
+        loaded, extra, absent = dist_checkpointing.load(sharded_state_dict(chunks), str(d),
+                                                        strict=StrictHandling.RETURN_ALL)
     except ConversionError:
         raise
     except Exception as e:
         raise ConversionError(f"{d}: loading the dist checkpoint failed: {type(e).__name__}: {e}") from e
+    if absent:
+        raise ConversionError(f"{d}: checkpoint lacks model tensors {sorted(absent)[:8]}")
+    foreign = sorted(k for k in extra if k.startswith(MODEL_KEY_PREFIXES))
+    if foreign:
+        raise ConversionError(f"{d}: checkpoint holds model tensors the config does not build {foreign[:8]} "
+                              "(wrong --hf-config?)")
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for c, k in zip(chunks, keys):
         unwrap(c).load_state_dict(loaded[k], strict=True)
@@ -202,31 +236,90 @@ def _compare_arch(stored: dict[str, Any], info: ArchInfo, source: str) -> None:
         raise ConversionError(f"{source}: config does not match the checkpoint's architecture ({detail})")
 
 
+def _run_dir_config(ckpt: Path) -> Path | None:
+    """The HF config dir of the training run holding trainer checkpoint ``ckpt`` (RUN_DIR/checkpoints/<name>):
+    the tiny model the run wrote (``init_model/``), else its ``config.yaml``'s ``model.hf_path``."""
+    run_dir = ckpt.parent.parent
+    if (run_dir / "init_model" / "config.json").is_file():
+        return run_dir / "init_model"
+    cfg_yaml = run_dir / "config.yaml"
+    if cfg_yaml.is_file():
+        import yaml
+
+        try:
+            hf_path = ((yaml.safe_load(cfg_yaml.read_text()) or {}).get("model") or {}).get("hf_path")
+        except yaml.YAMLError:
+            return None
+        if hf_path and (Path(hf_path) / "config.json").is_file():
+            return Path(hf_path)
+    return None
+
+
+def resolve_mcore_source(path: str | Path, hf_config_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """``(dist checkpoint dir, HF config dir)`` for what a user passes as ``--mcore``.
+
+    Accepts a converted checkpoint (``hf-to-mcore`` output), a trainer checkpoint ``RUN_DIR/checkpoints/<name>``
+    or its ``model/`` subdir, or any megatron dist checkpoint (then ``hf_config_dir`` is required). The config
+    is ``hf_config_dir`` when given, else the checkpoint's ``hf/``, else the run's (``_run_dir_config``).
+    Raises ConversionError when there is no directory or no config.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise ConversionError(f"{p}: not a directory")
+    ckpt: Path | None = None  # the trainer checkpoint dir, when it is one
+    weights = p
+    if not (p / "metadata.json").is_file() and (p / TRAINER_MODEL_SUBDIR / "metadata.json").is_file():
+        ckpt, weights = p, p / TRAINER_MODEL_SUBDIR
+    elif p.name == TRAINER_MODEL_SUBDIR and (p.parent / TRAINER_STATE_FILE).is_file():
+        ckpt = p.parent
+    if hf_config_dir is not None:
+        return weights, Path(hf_config_dir)
+    for cand in (weights / HF_SUBDIR, *([ckpt / HF_SUBDIR] if ckpt is not None else [])):
+        if (cand / "config.json").is_file():
+            return weights, cand
+    run_cfg = _run_dir_config(ckpt) if ckpt is not None else None
+    if run_cfg is not None:
+        return weights, run_cfg
+    raise ConversionError(f"{p}: no {HF_SUBDIR}/config.json stored in the checkpoint; pass --hf-config DIR")
+
+
+def _check_backend_meta(weights: Path, info: ArchInfo, source: str) -> None:
+    """A trainer checkpoint's ``scpo_backend_meta.json`` (model_type, vocab, layers, hidden) vs the config."""
+    p = weights / BACKEND_META_FILE
+    if not p.is_file():
+        return
+    meta = json.loads(p.read_text())
+    fields = {"model_type": "model_type", "vocab_size": "vocab", "num_layers": "num_layers", "hidden_size": "hidden"}
+    diffs = [f"{k}: checkpoint {meta[k]!r} vs config {getattr(info, a)!r}" for k, a in fields.items()
+             if k in meta and meta[k] != getattr(info, a)]
+    if diffs:
+        raise ConversionError(f"{source}: config does not match the checkpoint's architecture ({', '.join(diffs)})")
+
+
 def mcore_to_hf(
     mcore_dir: str | Path, out_dir: str | Path, hf_config_dir: str | Path | None = None, tp: int = 1, pp: int = 1
 ) -> Path:
     """Convert a dist checkpoint (saved at any TP/PP) to an HF directory: safetensors + config + tokenizer.
 
-    Loads at TP=tp, PP=pp (default 1/1: each rank loads the whole model; rank 0 writes). The config comes
-    from ``hf_config_dir`` or the checkpoint's own ``hf/`` copy.
+    ``mcore_dir``: an ``hf-to-mcore`` output, or a trainer checkpoint (``RUN_DIR/checkpoints/<name>`` or its
+    ``model/``; optimizer state in it is skipped). Loads at TP=tp, PP=pp (default 1/1: each rank loads the whole
+    model; rank 0 writes), in the stored dtype (bf16 checkpoints export bf16 safetensors). The config comes
+    from ``hf_config_dir`` or the checkpoint's own ``hf/`` (``resolve_mcore_source``).
     """
-    mdir, out = Path(mcore_dir), Path(out_dir)
+    out = Path(out_dir)
     check_output_dir(out)
-    if not mdir.is_dir():
-        raise ConversionError(f"{mdir}: not a directory")
-    cfg_dir = Path(hf_config_dir) if hf_config_dir is not None else mdir / HF_SUBDIR
-    if hf_config_dir is None and not (cfg_dir / "config.json").is_file():
-        raise ConversionError(f"{mdir}: no {HF_SUBDIR}/config.json stored in the checkpoint; pass --hf-config DIR")
+    mdir, cfg_dir = resolve_mcore_source(mcore_dir, hf_config_dir)
     info = arch_info(read_config_dict(cfg_dir), str(cfg_dir / "config.json"))
     meta_path = mdir / META_FILE
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         _compare_arch(meta.get("arch", {}), info, str(cfg_dir / "config.json"))
+    _check_backend_meta(mdir, info, str(cfg_dir / "config.json"))
     check_mcore_dir(mdir)
     check_layout_fits(info, tp, pp)
     hf_config = load_hf_config(cfg_dir)
     _setup(info, tp, pp)
-    chunks = _build(hf_config, tp, pp)
+    chunks = _build(hf_config, tp, pp, stored_dtype(mdir))
     load_mcore(chunks, mdir, info)
     from megatron_scpo.convert.live import iter_hf_tensors
 
@@ -250,5 +343,5 @@ def read_mcore_meta(mcore_dir: str | Path) -> dict[str, Any]:
 
 __all__ = [
     "hf_to_mcore", "mcore_to_hf", "save_mcore", "load_mcore", "check_mcore_dir", "sharded_state_dict",
-    "read_mcore_meta",
+    "read_mcore_meta", "resolve_mcore_source", "stored_dtype",
 ]

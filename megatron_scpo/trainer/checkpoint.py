@@ -8,6 +8,9 @@ Layout of a run dir::
     RUN_DIR/eval/<label>.json      evaluation results (evaluate.py), read by the report
     RUN_DIR/checkpoints/step_000123/   complete checkpoints only:
         model/                     backend checkpoint (model + optimizer + Megatron RNG)
+        hf/                        config.json, generation_config.json, tokenizer files of the run's model;
+                                   with ``checkpoint.save_hf`` also model.safetensors (or shards + index):
+                                   a complete HF model dir (``scpo eval --hf``, vLLM/SGLang, transformers)
         trainer_state.json         stage, step counters, data position, method state, metrics count
         rng_rank{r}.pt             python/numpy/torch RNG of every rank
     RUN_DIR/checkpoints/latest     name of the newest complete checkpoint (step or snapshot)
@@ -15,7 +18,10 @@ Layout of a run dir::
 
 A checkpoint is written into ``<name>.tmp`` and renamed after every file is fsynced, then ``latest`` is
 replaced atomically; a crash at any point leaves either the previous or the new checkpoint, never a
-half one that looks complete (``trainer_state.json`` is written last inside the temp dir).
+half one that looks complete (``trainer_state.json`` is written last inside the temp dir). The HF copy is
+written inside that temp dir too, so it is exactly as atomic as the rest (the peers: verl's
+``checkpoint.save_contents: [hf_model]``, slime's ``--save-hf``, OpenRLHF's ``--save_hf_ckpt``, which write it
+beside the checkpoint). ``scpo convert mcore-to-hf --mcore RUN_DIR/checkpoints/<name>`` reads ``hf/``'s config.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.json"
+HF_SUBDIR = "hf"  # must equal convert.checkpoint.HF_SUBDIR (the converter reads the config from here)
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
@@ -73,6 +80,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+def export_hf(out: Path, source_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]] | None, *,
+              is_writer: bool) -> list[str]:
+    """Write an HF model dir ``out``: the side files of ``source_dir`` plus (when given) the weights.
+
+    ``source_dir``: the run's HF model dir (``model.hf_path`` or the tiny model's ``init_model/``); every top-level
+    non-weight file is copied (config.json, generation_config.json, tokenizer files, chat template).
+    ``tensors``: ``(hf_name, full tensor)`` pairs in HF order, e.g. ``MegatronPolicy.named_hf_parameters()``
+    (the streaming export of ``convert.live.iter_hf_tensors``: collective, so **every rank passes its stream** and
+    every rank drains it; padding stripped, no ``lm_head.weight`` when tied, model dtype). The writer streams them
+    into ``model.safetensors`` (shards + index above 5 GiB); peak host memory is one shard. ``None``: side files only.
+    ``out`` must not exist (the writer creates it). Returns the written file names (writer), else [].
+    """
+    from megatron_scpo.convert.hf_io import copy_side_files, write_safetensors
+
+    if not is_writer:
+        for _ in tensors or ():  # take part in the TP gathers / PP broadcasts, keep nothing
+            pass
+        return []
+    out.mkdir(parents=True)
+    names = write_safetensors(tensors, out) if tensors is not None else []
+    return names + copy_side_files(source_dir, out)
+
+
+def hf_saver(policy: Any, source_dir: Path, rank: int, weights: bool) -> Callable[[Path], None]:
+    """``save_hf(dir)`` for ``CheckpointManager.save``: the policy's HF copy (``weights``) or its config only."""
+    def save(out: Path) -> None:
+        export_hf(out, source_dir, policy.named_hf_parameters() if weights else None, is_writer=rank == 0)
+    return save
 
 
 class CheckpointManager:
@@ -123,8 +160,12 @@ class CheckpointManager:
 
     # ---- save ------------------------------------------------------------------------------------
     def save(self, global_step: int, state: dict[str, Any], save_model: Callable[[Path], None],
-             snapshot: str | None = None) -> Path:
-        """Write checkpoint ``step_{global_step}`` (or the named stage snapshot) atomically."""
+             snapshot: str | None = None, save_hf: Callable[[Path], None] | None = None) -> Path:
+        """Write checkpoint ``step_{global_step}`` (or the named stage snapshot) atomically.
+
+        ``save_model(dir)`` and ``save_hf(dir)`` (optional, e.g. ``hf_saver``) are collective: every rank calls
+        them with ``<tmp>/model`` and ``<tmp>/hf``; both land inside the temp dir that is renamed at the end.
+        """
         name = snapshot or f"step_{global_step:06d}"
         final = self.root / name
         tmp = self.root / f"{name}.tmp"
@@ -133,6 +174,8 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         self.barrier()
         save_model(tmp / "model")
+        if save_hf is not None:
+            save_hf(tmp / HF_SUBDIR)
         torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         self.barrier()
         if self.rank == 0:
