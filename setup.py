@@ -33,7 +33,7 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "champ-dataset>=1.0"],  # CHAMP: real-data tests
         "triton": ["triton>=3.2"],
         "gpu": ["flash-attn", "sglang[all]>=0.4.6", "sglang-router", "triton>=3.2"],
     },

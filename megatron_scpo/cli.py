@@ -1,4 +1,4 @@
-"""`scpo` command line: train, eval, report, convert, launch.
+"""`scpo` command line: train, eval, report, convert, launch, data.
 
 Each subcommand's implementation lives in its package and is imported only when used, so
 `scpo --help` stays fast and does not import Megatron.
@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("megatron_scpo.trainer.report", "main", "compare run dirs: Markdown table + PNG plot"),
     "convert": ("megatron_scpo.convert.cli", "main", "convert checkpoints: hf-to-mcore, mcore-to-hf"),
     "launch": ("megatron_scpo.launch_plan", "main", "print the per-node commands of a SLURM plan"),
+    "data": ("megatron_scpo.data.formats", "main", "convert datasets: gsm8k, math, aime, deepscaler, champ -> JSONL"),
 }
 
 

@@ -44,6 +44,9 @@ class DataConfig:
     problem_field: str | None = None
     answer_field: str | None = None
     id_field: str | None = None
+    # Row layout of the files: our own (jsonl) or a public format read as is (data/formats.py; the field
+    # names above then do not apply). CHAMP is converted once: scpo data convert --format champ OUT.
+    format: Literal["jsonl", "gsm8k", "math", "aime", "deepscaler"] = "jsonl"
     template: Literal["raw_think", "chat", "synthetic"] = "raw_think"
     max_prompt_tokens: int = 128
     shuffle_seed: int = 0

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from megatron_scpo.data import synthetic, templates
+from megatron_scpo.data.answers import ALT_SEP
 from megatron_scpo.data.config import DataConfig, SyntheticConfig
+from megatron_scpo.data.formats import FormatError, convert_row
 
 PROBLEM_KEYS = ("problem", "question", "prompt", "query", "input")
 ANSWER_KEYS = ("answer", "gold", "ground_truth", "label", "solution", "target")
@@ -48,14 +50,25 @@ def _pick_key(row: dict, explicit: str | None, candidates: Sequence[str], what: 
 
 
 def _record(row: Any, index: int, where: str, problem_key: str | None, answer_key: str | None,
-            id_key: str | None) -> PromptRecord:
+            id_key: str | None, fmt: str = "jsonl") -> PromptRecord:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if fmt != "jsonl":
+        try:
+            row = convert_row(row, fmt)
+        except FormatError as e:
+            raise DataError(f"{where}: {e} (data.format: {fmt})") from None
+        problem_key, answer_key, id_key = "problem", "answer", ("id" if "id" in row else None)
     pk = _pick_key(row, problem_key, PROBLEM_KEYS, "problem", where)
     ak = _pick_key(row, answer_key, ANSWER_KEYS, "answer", where)
     problem, answer = row[pk], row[ak]
     if not isinstance(problem, str) or not problem.strip():
         raise DataError(f"{where}: field {pk!r} must be a non-empty string, got {problem!r}")
+    if isinstance(answer, list):  # alternative gold answers: any of them is correct (answers.ALT_SEP)
+        if not answer or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) and str(a).strip()
+                                 for a in answer):
+            raise DataError(f"{where}: field {ak!r} must be a non-empty list of non-empty strings, got {answer!r}")
+        answer = ALT_SEP.join(str(a).strip() for a in answer)
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
         raise DataError(f"{where}: field {ak!r} must be a non-empty string or number, got {answer!r}")
     ik = id_key if id_key is not None else next((k for k in ID_KEYS if k in row), None)
@@ -67,11 +80,13 @@ def _record(row: Any, index: int, where: str, problem_key: str | None, answer_ke
 
 
 def load_prompts(path: str | Path, problem_key: str | None = None, answer_key: str | None = None,
-                 id_key: str | None = None) -> list[PromptRecord]:
+                 id_key: str | None = None, fmt: str = "jsonl") -> list[PromptRecord]:
     """Records of a ``.jsonl``/``.json`` (one object per line) or ``.parquet`` file.
 
     Field names are auto-detected (problem/question/prompt..., answer/solution/...) unless given.
-    Blank lines are skipped; ids must be unique (default id: the record's index).
+    An answer may be a list of alternatives (joined with ``answers.ALT_SEP``; any one is correct).
+    ``fmt`` other than ``jsonl`` reads each row as that public format (data/formats.py: gsm8k, math,
+    aime, deepscaler). Blank lines are skipped; ids must be unique (default id: the record's index).
     """
     p = Path(path)
     if not p.is_file():
@@ -85,7 +100,7 @@ def load_prompts(path: str | Path, problem_key: str | None = None, answer_key: s
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"{p}: cannot read parquet: {e}") from None
         for i, row in enumerate(rows):
-            records.append(_record(row, i, f"{p}: row {i}", problem_key, answer_key, id_key))
+            records.append(_record(row, i, f"{p}: row {i}", problem_key, answer_key, id_key, fmt))
     elif p.suffix in (".jsonl", ".json"):
         with p.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -96,7 +111,7 @@ def load_prompts(path: str | Path, problem_key: str | None = None, answer_key: s
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-                records.append(_record(row, len(records), where, problem_key, answer_key, id_key))
+                records.append(_record(row, len(records), where, problem_key, answer_key, id_key, fmt))
     else:
         raise DataError(f"{p}: unsupported dataset format {p.suffix!r}; use .jsonl or .parquet")
     if not records:
@@ -135,23 +150,21 @@ def load_split(cfg: DataConfig, split: str) -> list[PromptRecord]:
     path = cfg.train_path if split == "train" else cfg.eval_path
     if not path:
         raise DataError(f"data.{split}_path is not set")
-    return load_prompts(path, cfg.problem_field, cfg.answer_field, cfg.id_field)
+    return load_prompts(path, cfg.problem_field, cfg.answer_field, cfg.id_field, cfg.format)
 
 
 def encode_prompts(records: Sequence[PromptRecord], tokenizer: Any, template: templates.TemplateName,
                    max_prompt_tokens: int) -> list[list[int]]:
     """Render and tokenize every prompt up front; a prompt over ``max_prompt_tokens`` is an error naming its id.
 
-    Done once before training so an overlong prompt fails in seconds, not after hours of rollouts.
+    Done once before training so an overlong prompt fails in seconds, not after hours of rollouts. The ids are
+    ``templates.encode_prompt``'s (the one prompt encoding: special tokens included, as rollouts see them).
     """
-    out = []
-    for r in records:
-        ids = tokenizer(templates.render_prompt(r.problem, template, tokenizer), add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_tokens:
-            raise DataError(f"prompt {r.id!r} has {len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens} "
-                            f"(template {template!r})")
-        out.append(ids)
-    return out
+    try:
+        return [templates.encode_prompt(r.problem, template, tokenizer, max_tokens=max_prompt_tokens, name=r.id)
+                for r in records]
+    except templates.PromptTooLongError as e:
+        raise DataError(str(e)) from None
 
 
 class PromptIterator:
