@@ -47,6 +47,39 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        """Derive the lengths that must equal the generation limit (null -> rollout.max_new_tokens)."""
+        limit = self.rollout.max_new_tokens
+        if self.algo.loss.norm_length is None:
+            self.algo.loss.norm_length = limit
+        if self.algo.overlong.max_length is None:
+            self.algo.overlong.max_length = limit
+
+    def validate(self) -> None:
+        """Cross-section checks: lengths tied to rollout.max_new_tokens (issue 11 item 8).
+
+        - algo.loss.norm_length is Dr.GRPO's constant normalizer, the generation budget;
+        - algo.overlong.max_length is DAPO's L_max, the generation limit (a smaller window punished complete
+          responses as overlong), and the window must fit under it.
+        Raises ValueError naming the keys.
+        """
+        limit = self.rollout.max_new_tokens
+        if self.algo.loss.norm_length != limit:
+            raise ValueError(
+                f"algo.loss.norm_length ({self.algo.loss.norm_length}) must equal rollout.max_new_tokens ({limit}); "
+                "leave it null to derive it"
+            )
+        ol = self.algo.overlong
+        if ol.max_length != limit:
+            raise ValueError(
+                f"algo.overlong.max_length ({ol.max_length}) must equal rollout.max_new_tokens ({limit}); "
+                "leave it null to derive it"
+            )
+        if ol.enabled and not ol.cache_length < limit:
+            raise ValueError(
+                f"algo.overlong.cache_length ({ol.cache_length}) must be < rollout.max_new_tokens ({limit})"
+            )
+
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
     """YAML file + ``key.path=value`` overrides -> validated ExperimentConfig."""

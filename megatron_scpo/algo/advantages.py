@@ -22,6 +22,7 @@ __all__ = [
     "s_gae_critic",
     "broadcast_to_tokens",
     "values_at_step_starts",
+    "bounded",
 ]
 
 
@@ -128,3 +129,16 @@ def values_at_step_starts(values: Tensor, step_ids: Tensor, num_steps: int) -> T
     b, t = starts.nonzero(as_tuple=True)
     out[b, step_ids[b, t]] = values[b, t]
     return out
+
+
+def bounded(x: Tensor, bound: float, slope: float = 1.0) -> Tensor:
+    """``bound * tanh(slope * x / bound)``: ~ ``slope * x`` near 0, strictly inside (-bound, bound); 0 if bound = 0.
+
+    SCPO's split/critic length advantage (ours, issue 11 item 1): a std-normalized sum is scale-free and
+    unbounded, so a tiny group std could make it outweigh the outcome advantage; the squash cannot.
+    """
+    if bound < 0 or slope < 0:
+        raise ValueError(f"bound and slope must be >= 0, got {bound}, {slope}")
+    if bound == 0:
+        return torch.zeros_like(x)
+    return bound * torch.tanh(slope * x / bound)

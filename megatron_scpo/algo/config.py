@@ -36,7 +36,7 @@ class ClipConfig:
     eps_high_min: float = 0.1
     eps_high_max: float = 0.3
     invert: bool = False
-    dual_clip: float | None = None  # c > 1 enables dual-clip for negative advantages
+    dual_clip: float | None = 3.0  # c > 1: dual-clip for negative advantages (verl's clip_ratio_c = 3); null = off
 
     def validate(self) -> None:
         for name in ("eps_low", "eps_high", "eps_low_min", "eps_low_max", "eps_high_min", "eps_high_max"):
@@ -57,14 +57,16 @@ class LossConfig:
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     kl_coef: float = 0.0  # k3 KL to the reference policy, 0 disables the reference pass
     tis_cap: float | None = None  # truncated importance sampling cap (rollout vs trainer log-probs)
-    norm_length: int = 1024  # constant normalizer of seq-mean-token-sum-norm
+    # constant normalizer of seq-mean-token-sum-norm (Dr.GRPO: the generation budget). null: the experiment
+    # config sets it to rollout.max_new_tokens, and any other value is an error there (megatron_scpo/config.py)
+    norm_length: int | None = None
 
     def validate(self) -> None:
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
-        if self.norm_length <= 0:
+        if self.norm_length is not None and self.norm_length <= 0:
             raise ValueError(f"norm_length must be > 0, got {self.norm_length}")
 
 
@@ -129,10 +131,19 @@ class ScpoConfig:
     correct:   r_j = (1 - k1*sigmoid((1-w_j) z(l_j))) * (1 - k2*sigmoid(z(L)))
     incorrect: r_j = -exp(-rho * (K - j) / k0)   (k0 = K when null)
 
-    The advantage default is the measured winner of the README ablation, not DESIGN.md's first choice:
-    ``split`` (A = A_outcome + len_coef * S-GAE over correct steps) with gamma*lam = 0.5. Summed ``s_gae``
-    did not compress (it pays a correct response once per step); ``split`` with gamma*lam = 1 collapsed
-    accuracy on 2 of 3 seeds. See docs/algorithms.md "Choice of the default advantage".
+    Advantage forms (docs/algorithms.md "Invariant" and "Choice of the default advantage"):
+
+    - ``split`` (default): A = A_outcome (GRPO on correctness) + A_len on correct responses, with
+      A_len_j = len_bound * tanh(len_coef * S_j / len_bound), S_j the discounted ``reduce`` (sum / mean, decay
+      gamma*lam) of the step rewards standardized over the group's correct steps. |A_len| < len_bound, and
+      ``len_bound`` is validated below the smallest outcome gap any group can have, so a correct response
+      always ends above every wrong one (a bare std-normalized sum did not: issue 11 item 1).
+    - ``critic``: the same, with S_j = GAE of the centred correct step rewards against critic values.
+    - ``s_gae``: one S-GAE over all step rewards of the group; needs ``reduce: mean`` (a discounted average of
+      the response's own steps, whose rewards are > 0 if correct and < 0 if wrong, so correct >= wrong holds;
+      the summed form pays once per step and can rank a long correct response below a wrong one).
+
+    Every form gives zero advantage to a group of one sample and to an all-wrong group.
     """
 
     k1: float = 0.5
@@ -143,7 +154,8 @@ class ScpoConfig:
     gamma: float = 1.0
     lam: float = 0.5  # S-GAE decays by gamma*lam per step (0.5: horizon of a few steps; 1 was unstable with split)
     reduce: Literal["sum", "mean"] = "sum"  # mean: discounted average instead of discounted sum
-    len_coef: float = 1.0  # split form: A = A_outcome + len_coef * A_len
+    len_coef: float = 1.0  # split/critic: slope of A_len at 0 (A_len ~ len_coef * S for small S)
+    len_bound: float = 0.9  # split/critic: |A_len| < len_bound (< the outcome gap, >= 1 with the default GRPO)
     std_eps: float = 1e-6
 
     def validate(self) -> None:
@@ -155,7 +167,13 @@ class ScpoConfig:
         _check_range(self, "gamma", 0.0, 1.0, hi_open=False)
         _check_range(self, "lam", 0.0, 1.0, hi_open=False)
         _check_range(self, "len_coef", 0.0, float("inf"))
+        _check_range(self, "len_bound", 0.0, 1.0)
         _check_range(self, "std_eps", 0.0, 1.0, lo_open=True)
+        if self.advantage == "s_gae" and self.reduce != "mean":
+            raise ValueError(
+                "advantage s_gae needs reduce: mean (the summed form pays a correct response once per step and can "
+                "rank a long correct response below a wrong one; docs/algorithms.md)"
+            )
 
 
 @dataclass
@@ -205,28 +223,52 @@ class LengthPenaltyConfig:
 
     style: Literal["arora_zanette", "kimi"] = "arora_zanette"
     alpha: float = 0.2  # arora_zanette: r = S * (1 - alpha * sigmoid(z(L)))
-    kimi_weight: float = 1.0  # kimi: r = S + weight * lambda_len
+    kimi_weight: float = 1.0  # kimi: r = S + weight * lambda_len; <= 2 keeps every correct r >= 0 >= every wrong r
 
     def validate(self) -> None:
         _check_range(self, "alpha", 0.0, 1.0, hi_open=False)
-        _check_range(self, "kimi_weight", 0.0, float("inf"))
+        _check_range(self, "kimi_weight", 0.0, 2.0, hi_open=False)
+
+    def correct_floor(self) -> float:
+        """Lower bound of a correct response's reward (a wrong one's is <= 0): 1 - alpha or 1 - kimi_weight/2."""
+        return 1.0 - self.alpha if self.style == "arora_zanette" else 1.0 - 0.5 * self.kimi_weight
 
 
 @dataclass
 class OverlongConfig:
-    """DAPO soft overlong punishment, added to the sequence reward (grpo, global_length_penalty, lapo_*)."""
+    """DAPO soft overlong punishment, added to the sequence reward (grpo, global_length_penalty, lapo_*).
+
+    ``max_length`` is L_max of DAPO, the generation limit: null (default) takes rollout.max_new_tokens in the
+    experiment config, which also rejects any other value (a window below the limit punished complete
+    responses as if they were cut off: issue 11 item 8). Standalone AlgoConfig users set it themselves.
+    """
 
     enabled: bool = False
-    max_length: int = 4096
+    max_length: int | None = None
     cache_length: int = 512
     penalty_factor: float = 1.0
 
     def validate(self) -> None:
-        if self.max_length <= 0 or not 0 < self.cache_length <= self.max_length:
+        if self.enabled and self.max_length is not None and not 0 < self.cache_length <= self.max_length:
             raise ValueError(
-                f"need max_length > 0 and 0 < cache_length <= max_length, got {self.max_length}, {self.cache_length}"
+                f"need 0 < cache_length <= max_length, got cache_length {self.cache_length}, max_length "
+                f"{self.max_length}"
             )
+        if self.cache_length <= 0:
+            raise ValueError(f"cache_length must be > 0, got {self.cache_length}")
         _check_range(self, "penalty_factor", 0.0, float("inf"))
+
+
+def min_outcome_gap(adv: AdvantageConfig) -> float:
+    """Smallest difference between a correct and a wrong response's GRPO advantage over every group size >= 2.
+
+    A_correct - A_wrong = 1 / (std + eps) with std of the 0/1 rewards: population std <= 1/2, unbiased std
+    <= sqrt(G / (4 (G - 1))) <= sqrt(1/2) (G = 2, one of each); 1 without std scaling (Dr.GRPO).
+    """
+    if not adv.scale_std:
+        return 1.0
+    sd_max = 0.5 ** 0.5 if adv.unbiased_std else 0.5
+    return 1.0 / (sd_max + adv.eps)
 
 
 @dataclass
@@ -246,8 +288,23 @@ class AlgoConfig:
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
 
     def validate(self) -> None:
+        """Cross-section checks that keep the invariant "every correct response >= every wrong one" provable."""
         if self.overlong.enabled and self.method in ("scpo", "calibration"):
             raise ValueError(
                 f"overlong.enabled is not supported with method {self.method!r} (it would break the method's "
                 "reward invariants); use grpo, global_length_penalty, lapo_stage1 or lapo_stage2"
             )
+        if self.method == "scpo" and self.scpo.advantage in ("split", "critic"):
+            gap = min_outcome_gap(self.advantage)
+            if not self.scpo.len_bound < gap:
+                raise ValueError(
+                    f"scpo.len_bound ({self.scpo.len_bound}) must be < {gap:.6g}, the smallest correct-vs-wrong gap "
+                    "of the outcome advantage with these advantage.* settings"
+                )
+        if self.overlong.enabled:
+            floor = self.length_penalty.correct_floor() if self.method == "global_length_penalty" else 1.0
+            if self.overlong.penalty_factor > floor + 1e-12:
+                raise ValueError(
+                    f"overlong.penalty_factor ({self.overlong.penalty_factor}) must be <= {floor:.6g} with method "
+                    f"{self.method!r}: a larger penalty can push a correct response's reward below a wrong one's"
+                )

@@ -14,7 +14,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from megatron_scpo.algo.advantages import broadcast_to_tokens, s_gae, s_gae_critic, values_at_step_starts
+from megatron_scpo.algo.advantages import (
+    bounded,
+    broadcast_to_tokens,
+    s_gae,
+    s_gae_critic,
+    values_at_step_starts,
+)
 from megatron_scpo.algo.clipping import adaptive_clip
 from megatron_scpo.algo.config import AlgoConfig
 from megatron_scpo.algo.groups import check_finite, group_index, group_normalize, masked_group_stats
@@ -180,6 +186,9 @@ class SequenceRewardMethod(MethodBase):
         rewards, metrics = self._rewards(r)
         ol = self.cfg.overlong
         if ol.enabled:
+            if ol.max_length is None:
+                raise ValueError("overlong.enabled needs overlong.max_length (the experiment config sets it to "
+                                 "rollout.max_new_tokens)")
             pen = overlong_penalty(r.response_lengths, ol.max_length, ol.cache_length, ol.penalty_factor)
             metrics["overlong/penalty_mean"] = float(pen.mean())
             rewards = rewards + pen
@@ -206,7 +215,7 @@ class GlobalLengthPenaltyMethod(SequenceRewardMethod):
     def _rewards(self, r: GroupedRollouts) -> tuple[Tensor, dict[str, float]]:
         lp = self.cfg.length_penalty
         if lp.style == "arora_zanette":
-            return arora_zanette_reward(r.correct, r.response_lengths, r.group_ids, lp.alpha), {}
+            return arora_zanette_reward(r.correct, r.response_lengths, r.group_ids, lp.alpha, r.truncated), {}
         return kimi_length_reward(r.correct, r.response_lengths, r.group_ids, lp.kimi_weight), {}
 
 
@@ -255,11 +264,11 @@ class LapoStage1Method(LapoMethodBase):
         lc = self.cfg.lapo
         rewards, bands = lapo_stage1_rewards(
             r.correct, r.response_lengths, r.group_ids, alpha=lc.alpha, low_pct=lc.band_low_pct,
-            high_pct=lc.band_high_pct, decay_width=lc.decay_width,
+            high_pct=lc.band_high_pct, decay_width=lc.decay_width, truncated=r.truncated,
         )
-        c = r.correct.bool()
+        ok = r.correct.bool() & ~r.truncated.bool()  # a truncated response's capped length defines no optimum
         for _g, (key, idx) in _group_keys(r).items():
-            self.length_map.set_stage1(key, [float(r.response_lengths[i]) for i in idx if c[i]])
+            self.length_map.set_stage1(key, [float(r.response_lengths[i]) for i in idx if ok[i]])
         widths = [b[1] - b[0] for b in bands.values() if b is not None]
         metrics = self._map_metrics()
         metrics["lapo/band_frac"] = len(widths) / max(len(bands), 1)
@@ -271,7 +280,8 @@ class LapoStage2Method(LapoMethodBase):
     """LAPO-I: budget statement in the prompt, Gaussian adherence reward, dual-rule map refinement.
 
     The target of a sample is the budget its prompt stated (the map before this step's refinement);
-    for an unsolved prompt it is the group's median correct length (authors' code).
+    for an unsolved prompt it is the group's median correct length (authors' code). Truncated responses
+    never set the target nor refine the map.
     """
 
     name = "lapo_stage2"
@@ -283,12 +293,13 @@ class LapoStage2Method(LapoMethodBase):
     def _rewards(self, r: GroupedRollouts) -> tuple[Tensor, dict[str, float]]:
         lc = self.cfg.lapo
         c = r.correct.bool()
+        ok = c & ~r.truncated.bool()
         L = r.response_lengths.to(torch.float64)
         targets = torch.zeros_like(L)
         solved = 0
         groups = _group_keys(r)
         for _g, (key, idx) in groups.items():
-            correct_l = [float(L[i]) for i in idx if c[i]]
+            correct_l = [float(L[i]) for i in idx if ok[i]]
             if self.length_map.is_solved(key):
                 n = float(self.length_map.budget(key))
                 solved += 1
@@ -299,7 +310,7 @@ class LapoStage2Method(LapoMethodBase):
             targets[idx] = n
         rewards = lapo_stage2_rewards(r.correct, r.response_lengths, targets, beta=lc.beta, sigma=lc.sigma)
         for _g, (key, idx) in groups.items():
-            self.length_map.refine(key, [float(L[i]) for i in idx if c[i]])
+            self.length_map.refine(key, [float(L[i]) for i in idx if ok[i]])
         metrics = self._map_metrics()
         metrics["lapo/target_mean"] = float(targets.mean())
         metrics["lapo/solved_frac"] = solved / max(len(groups), 1)
@@ -316,7 +327,7 @@ class CalibrationMethod(MethodBase):
     def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float], dict[str, Tensor]]:
         cc = self.cfg.calibration
         rewards, d, lam, lopt = calibration_rewards(
-            r.correct, r.response_lengths, r.group_ids, variance=cc.variance, eps=cc.eps
+            r.correct, r.response_lengths, r.group_ids, variance=cc.variance, eps=cc.eps, truncated=r.truncated
         )
         adv = calibration_advantages(rewards, r.correct, r.group_ids, normalize=cc.normalize, eps=cc.eps)
         inv, n = group_index(r.group_ids)
@@ -356,23 +367,38 @@ class ScpoMethod(MethodBase):
         K = lengths.shape[1]
         mask = torch.arange(K)[None, :] < num_steps[:, None]
         w = self._importance(r, num_steps, K)
-        step_r = scpo_step_rewards(lengths, mask, r.correct, r.group_ids, w, r.response_lengths, sc)
+        step_r = scpo_step_rewards(lengths, mask, r.correct, r.group_ids, w, r.response_lengths, sc, r.truncated)
         c = r.correct.bool()
+        gl = sc.gamma * sc.lam
+        a_len = torch.zeros_like(step_r)
         if sc.advantage == "s_gae":
-            step_a = s_gae(step_r, mask, r.group_ids, gamma_lambda=sc.gamma * sc.lam, reduce=sc.reduce, eps=sc.std_eps)
-        elif sc.advantage == "split":
+            if sc.reduce != "mean":  # AlgoConfig validation says so too; a hand-built config must not slip past
+                raise ValueError("scpo.advantage s_gae needs reduce: mean (see ScpoConfig)")
+            step_a = s_gae(step_r, mask, r.group_ids, gamma_lambda=gl, reduce="mean", eps=sc.std_eps)
+        else:
             a = self.cfg.advantage
             outcome = group_normalize(c.to(torch.float64), r.group_ids, scale_std=a.scale_std,
                                       unbiased=a.unbiased_std, eps=a.eps)
             len_mask = mask & c[:, None]
-            a_len = s_gae(step_r, len_mask, r.group_ids, gamma_lambda=sc.gamma * sc.lam, reduce=sc.reduce,
-                          eps=sc.std_eps)
-            step_a = (outcome[:, None] * mask + sc.len_coef * a_len) * mask
-        else:
-            if r.values is None:
-                raise ValueError("scpo.advantage=critic needs GroupedRollouts.values (critic values [B, T])")
-            v = values_at_step_starts(r.values.to(torch.float64), step_ids, K)
-            step_a, _ = s_gae_critic(step_r, v, mask, gamma=sc.gamma, lam=sc.lam)
+            if sc.advantage == "split":
+                s = s_gae(step_r, len_mask, r.group_ids, gamma_lambda=gl, reduce=sc.reduce, eps=sc.std_eps)
+            else:
+                if r.values is None:
+                    raise ValueError("scpo.advantage=critic needs GroupedRollouts.values (critic values [B, T])")
+                inv, n = group_index(r.group_ids)
+                gid = inv[:, None].expand_as(step_r)
+                mean, _, _ = masked_group_stats(step_r, gid, n, len_mask)
+                v = values_at_step_starts(r.values.to(torch.float64), step_ids, K)
+                s, _ = s_gae_critic(torch.where(len_mask, step_r - mean[gid], torch.zeros_like(step_r)), v, len_mask,
+                                    gamma=sc.gamma, lam=sc.lam)
+            a_len = torch.where(len_mask, bounded(s, sc.len_bound, sc.len_coef), torch.zeros_like(s))
+            step_a = (outcome[:, None] + a_len) * mask
+        # DESIGN.md 3: a group whose samples all get the same reward carries no signal. One sample has no baseline;
+        # all-wrong samples share the outcome (s_gae would otherwise rank their step penalties, even above 0).
+        inv, n = group_index(r.group_ids)
+        acc, _, cnt = masked_group_stats(c.to(torch.float64), inv, n)
+        silent = ((cnt < 2) | (acc == 0))[inv]
+        step_a = torch.where(silent[:, None], torch.zeros_like(step_a), step_a)
         adv = broadcast_to_tokens(step_a, step_ids)
         nsteps = mask.sum(dim=1).clamp(min=1)
         seq_r = step_r.sum(dim=1) / nsteps
@@ -385,6 +411,7 @@ class ScpoMethod(MethodBase):
             "step_reward/correct_mean": float(step_r[cm].mean()) if bool(cm.any()) else 0.0,
             "step_reward/wrong_mean": float(step_r[mask & ~c[:, None]].mean()) if bool((mask & ~c[:, None]).any())
             else 0.0,
+            "adv/len_abs_mean": float(a_len[cm].abs().mean()) if bool(cm.any()) else 0.0,
         }
         return adv, seq_r, metrics, {"step_rewards": step_r.to(torch.float32), "step_advantages": step_a.to(torch.float32)}
 

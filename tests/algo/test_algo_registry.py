@@ -103,7 +103,7 @@ def test_scpo_method_end_to_end():
 
     cfg = AlgoConfig(method="scpo")
     cfg.clip.adaptive = True
-    cfg.scpo.advantage = "s_gae"  # DESIGN.md's first choice, still selectable
+    cfg.scpo.advantage, cfg.scpo.reduce = "s_gae", "mean"  # DESIGN.md's first form; the summed one is refused
     m = build_method(cfg)
     assert m.needs_importance
     r = scpo_batch()
@@ -113,7 +113,7 @@ def test_scpo_method_end_to_end():
     w = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
     exp_r = scpo_step_rewards(lengths, mask, r.correct, r.group_ids, w, r.response_lengths, cfg.scpo)
     torch.testing.assert_close(out.step_rewards, exp_r.float())
-    exp_a = s_gae(exp_r, mask, r.group_ids, gamma_lambda=0.5)
+    exp_a = s_gae(exp_r, mask, r.group_ids, gamma_lambda=0.5, reduce="mean")
     torch.testing.assert_close(out.advantages[0], torch.tensor([exp_a[0, 0]] * 2 + [exp_a[0, 1]] * 6).float())
     assert (out.advantages[2, 3:] == 0).all()
     # the long unimportant step of the correct response earns less than its important step
@@ -123,6 +123,9 @@ def test_scpo_method_end_to_end():
     r.step_importance = [None, torch.tensor([0.5]), None]
     with pytest.raises(ValueError, match="sample 0"):
         m.compute(r)
+    cfg.scpo.reduce = "sum"
+    with pytest.raises(ValueError, match="reduce: mean"):
+        build_method(cfg).compute(scpo_batch())
 
 
 def test_scpo_split_and_critic():
@@ -138,23 +141,31 @@ def test_scpo_split_and_critic():
         build_method(cfg).compute(r)
     r.values = torch.zeros(3, 8)
     out = build_method(cfg).compute(r)
-    # zero critic, gamma=1, lam=0.5: A_j = sum_m 0.5^(m-j) r_m
-    sr = out.step_rewards[2]
-    assert out.advantages[2, 0].item() == pytest.approx((sr[0] + 0.5 * sr[1] + 0.25 * sr[2]).item(), rel=1e-5)
+    # critic mode is split with a critic-GAE length part: the wrong response gets the outcome part only; with a
+    # zero critic, gamma=1, lam=0.5 the correct one's S_0 = u_0 + 0.5 u_1 over centred correct step rewards u
+    torch.testing.assert_close(out.advantages[2, :3], torch.full((3,), -(2 / 3) / s), rtol=1e-4, atol=1e-5)
+    sr = out.step_rewards.double()
+    u = sr[:2] - (sr[0, 0] + sr[0, 1] + sr[1, 0]) / 3
+    exp0 = 0.9 * torch.tanh((u[0, 0] + 0.5 * u[0, 1]) / 0.9) + (1 / 3) / s
+    assert out.advantages[0, 0].item() == pytest.approx(exp0.item(), rel=1e-5)
 
 
 def test_scpo_default_is_the_measured_split_form():
-    """Pins the default (README ablation winner): split, gamma*lambda 0.5, summed, len_coef 1.
+    """Pins the default: split, gamma*lambda 0.5, summed, len_coef 1, bounded by len_bound 0.9 (tanh).
 
     Hand-computed: one group, correct responses of one 2-token and one 6-token step (importance 1, so the
     step-length term vanishes), one wrong response. Length reward r = 0.75 * (1 - 0.5 sigmoid(-+1)), normalized
-    among the two correct steps -> +-1 (population std); outcome GRPO on [1, 1, 0] -> 1/sqrt(3), 1/sqrt(3), -2/sqrt(3).
-    Summed s_gae would normalize over the wrong response's steps too and give different numbers.
+    among the two correct steps -> +-1 (population std), bounded to +-0.9 tanh(1/0.9); outcome GRPO on
+    [1, 1, 0] -> 1/sqrt(3), 1/sqrt(3), -2/sqrt(3).
     """
     from megatron_scpo.algo.config import ScpoConfig
 
     d = ScpoConfig()
-    assert (d.advantage, d.gamma * d.lam, d.reduce, d.len_coef) == ("split", 0.5, "sum", 1.0)
+    assert (d.advantage, d.gamma * d.lam, d.reduce, d.len_coef, d.len_bound) == ("split", 0.5, "sum", 1.0, 0.9)
+
+    def b(x: float) -> float:
+        return 0.9 * torch.tanh(torch.tensor(x / 0.9)).item()
+
     step_ids = torch.tensor([[0, 0, -1, -1, -1, -1], [0, 0, 0, 0, 0, 0], [0, 1, 2, -1, -1, -1]])
     r = GroupedRollouts(
         group_ids=torch.zeros(3, dtype=torch.long), correct=torch.tensor([True, True, False]),
@@ -164,14 +175,14 @@ def test_scpo_default_is_the_measured_split_form():
     )
     out = build_method(AlgoConfig(method="scpo")).compute(r)
     s3 = 3 ** -0.5
-    exp = torch.tensor([[s3 + 1, s3 + 1, 0, 0, 0, 0], [s3 - 1] * 6, [-2 * s3] * 3 + [0] * 3])
+    exp = torch.tensor([[s3 + b(1), s3 + b(1), 0, 0, 0, 0], [s3 + b(-1)] * 6, [-2 * s3] * 3 + [0] * 3])
     torch.testing.assert_close(out.advantages, exp.float(), rtol=1e-4, atol=1e-5)
     # gamma*lambda 0.5 is the default too: the 6-token response as two 3-token steps (same L, same r per step).
     # Correct-step rewards [ra], [rb, rb] normalize to sqrt(2), -1/sqrt(2), -1/sqrt(2); A_0 = rn_1 + 0.5 * rn_2.
     r.step_ids = torch.tensor([[0, 0, -1, -1, -1, -1], [0, 0, 0, 1, 1, 1], [0, 1, 2, -1, -1, -1]])
     r.step_importance = [torch.ones(1), torch.ones(2), None]
     h = 2 ** -0.5
-    exp = torch.tensor([[s3 + 2 * h, 0, 0], [s3 - 1.5 * h, s3 - h, 0], [-2 * s3] * 3])
+    exp = torch.tensor([[s3 + b(2 * h), 0, 0], [s3 + b(-1.5 * h), s3 + b(-h), 0], [-2 * s3] * 3])
     torch.testing.assert_close(build_method(AlgoConfig(method="scpo")).compute(r).step_advantages, exp.float(),
                                rtol=1e-4, atol=1e-5)
 
@@ -241,49 +252,63 @@ def test_every_method_handles_degenerate_groups():
             assert out.advantages[1].abs().sum() == 0, name
 
 
+def _legacy_summed_s_gae(r: GroupedRollouts, lam: float) -> torch.Tensor:
+    """Token-mean advantage per response of the refused summed s_gae (kept to measure it, docs table 1/2)."""
+    from megatron_scpo.algo.advantages import broadcast_to_tokens, s_gae
+    from megatron_scpo.algo.rewards.scpo import scpo_step_rewards
+    from megatron_scpo.algo.steps import step_lengths_batch
+
+    lengths, num = step_lengths_batch(r.step_ids)
+    mask = torch.arange(lengths.shape[1])[None, :] < num[:, None]
+    w = torch.zeros(lengths.shape, dtype=torch.float64)
+    for b, v in enumerate(r.step_importance):
+        if v is not None:
+            w[b, : v.numel()] = v
+    sr = scpo_step_rewards(lengths, mask, r.correct, r.group_ids, w, r.response_lengths, AlgoConfig().scpo)
+    adv = broadcast_to_tokens(s_gae(sr, mask, r.group_ids, gamma_lambda=lam), r.step_ids)
+    return adv.sum(1) / (r.step_ids >= 0).sum(1)
+
+
+def _per_response(r: GroupedRollouts, adv: str, lam: float, reduce: str, bound: float = 0.9) -> torch.Tensor:
+    cfg = AlgoConfig(method="scpo")
+    cfg.scpo.advantage, cfg.scpo.lam, cfg.scpo.reduce, cfg.scpo.len_bound = adv, lam, reduce, bound
+    return build_method(cfg).compute(r).advantages.sum(1) / (r.step_ids >= 0).sum(1)
+
+
 def test_s_gae_step_count_bias_is_measured_not_assumed():
-    """Same total length, more steps: summed S-GAE pays more per extra step; mean and split forms do not."""
+    """Same total length, more steps: summed S-GAE pays more per extra step (hence refused); mean and split do not."""
     Ks, correct, T = [2, 3, 4, 6, 3, 3, 3, 3], [1, 1, 1, 1, 0, 0, 0, 0], 60
     ids = torch.stack([torch.tensor([t * K // T for t in range(T)]) for K in Ks])
     r = GroupedRollouts(torch.zeros(8, dtype=torch.long), torch.tensor(correct, dtype=torch.bool), torch.full((8,), T),
                         ids, ids >= 0, torch.zeros(8, dtype=torch.bool), ["q"] * 8,
                         [torch.ones(K) if c else None for K, c in zip(Ks, correct)])
-
-    def per_response(adv, lam, reduce):
-        cfg = AlgoConfig(method="scpo")
-        cfg.scpo.advantage, cfg.scpo.lam, cfg.scpo.reduce = adv, lam, reduce
-        return build_method(cfg).compute(r).advantages[:4].mean(dim=1)
-
-    assert (per_response("s_gae", 1.0, "sum").diff() > 0.1).all()  # strictly grows with the number of steps
+    assert (_legacy_summed_s_gae(r, 1.0)[:4].diff() > 0.1).all()  # strictly grows with the number of steps
     for adv, lam, reduce in (("s_gae", 1.0, "mean"), ("s_gae", 0.5, "mean"), ("split", 0.5, "sum")):
-        a = per_response(adv, lam, reduce)
+        a = _per_response(r, adv, lam, reduce)[:4]
         torch.testing.assert_close(a, a[:1].expand(4), msg=f"{adv} {lam} {reduce}")
 
 
 def test_split_length_term_vs_outcome_term_is_measured():
     """Correct responses of 2, 4, 6, 8 ten-token steps (importance 1) and four wrong ones (docs table 2).
 
-    With gamma*lambda 1 the summed length advantage of the longest correct response outweighs the outcome term:
-    it ends below every wrong response (the README's accuracy collapse). The default (0.5) keeps correct > wrong
-    while still ranking shorter correct responses higher; summed s_gae barely separates lengths at all.
+    Unbounded (the pre-issue-11 form, len_bound ~ inf) with gamma*lambda 1, the summed length advantage of the
+    longest correct response outweighs the outcome term: it ends below every wrong response. The bounded default
+    keeps correct > wrong for any gamma*lambda while still ranking shorter correct responses higher.
     """
     Ks, correct, S = [2, 4, 6, 8, 3, 3, 3, 3], [1, 1, 1, 1, 0, 0, 0, 0], 10
     ids = torch.stack([torch.where(torch.arange(8 * S) < K * S, torch.arange(8 * S) // S, -1) for K in Ks])
     r = GroupedRollouts(torch.zeros(8, dtype=torch.long), torch.tensor(correct, dtype=torch.bool),
                         torch.tensor([K * S for K in Ks]), ids, ids >= 0, torch.zeros(8, dtype=torch.bool), ["q"] * 8,
                         [torch.ones(K) if c else None for K, c in zip(Ks, correct)])
-
-    def per_response(adv, lam):
-        cfg = AlgoConfig(method="scpo")
-        cfg.scpo.advantage, cfg.scpo.lam = adv, lam
-        return build_method(cfg).compute(r).advantages.sum(1) / (ids >= 0).sum(1)
-
     default = build_method(AlgoConfig(method="scpo")).compute(r).advantages.sum(1) / (ids >= 0).sum(1)
-    torch.testing.assert_close(default, per_response("split", 0.5))
+    torch.testing.assert_close(default, _per_response(r, "split", 0.5, "sum"))
     assert (default[:4].diff() < 0).all() and default[:4].min() > default[4:].max()
-    assert per_response("split", 1.0)[3] < per_response("split", 1.0)[4:].min()
-    sg = per_response("s_gae", 0.5)
-    assert sg[:4].max() - sg[:4].min() < 0.3 < (default[:4].max() - default[:4].min()) / 10
+    assert _per_response(r, "split", 1.0, "sum", bound=1e9)[3] < default[4:].min()  # the fault, unbounded
+    for lam in (1.0, 0.5, 0.0):
+        a = _per_response(r, "split", lam, "sum")
+        assert (a[:4].diff() < 0).all() and a[:4].min() > a[4:].max(), lam
+    sg = _per_response(r, "s_gae", 0.5, "mean")
+    assert sg[:4].min() > sg[4:].max()
 
 
 def test_bad_values_raise_clear_errors():

@@ -16,16 +16,20 @@ def accuracy_reward(correct: Tensor) -> Tensor:
     return correct.to(torch.float64)
 
 
-def arora_zanette_reward(correct: Tensor, lengths: Tensor, group_ids: Tensor, alpha: float) -> Tensor:
+def arora_zanette_reward(
+    correct: Tensor, lengths: Tensor, group_ids: Tensor, alpha: float, truncated: Tensor | None = None
+) -> Tensor:
     """r = S * (1 - alpha * sigmoid((L - mu_L) / sd_L)), mu/sd over the group's correct responses.
 
     sd_L = 0 (one correct response, or equal lengths) gives z = 0, i.e. r = 1 - alpha/2 for every
-    correct response (a constant that group normalization removes).
+    correct response (a constant that group normalization removes). Samples with ``truncated[B]`` true
+    stay out of mu_L, sd_L (their capped length is not a real length) but still get a reward.
     """
     inv, n = group_index(group_ids)
     c = correct.bool()
     L = lengths.to(torch.float64)
-    mu, sd, _ = masked_group_stats(L, inv, n, c)
+    stat = c if truncated is None else c & ~truncated.bool()
+    mu, sd, _ = masked_group_stats(L, inv, n, stat)
     z = torch.where(sd[inv] > 0, (L - mu[inv]) / sd[inv].clamp(min=1e-12), torch.zeros_like(L))
     return c.to(torch.float64) * (1.0 - alpha * torch.sigmoid(z))
 

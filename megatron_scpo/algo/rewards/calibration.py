@@ -12,6 +12,9 @@ true maximiser). Equal variances *and* means (no information) give max L, i.e. n
 Reward: d_i = ReLU(l_i - l_opt) for correct i (0 otherwise), r_i = acc_i - Lambda d_i with
 Lambda = p_err / (max_correct d - mean d + eps) (0 for all-correct / all-wrong groups or when no
 correct response exceeds l_opt).
+Truncated responses (cut at the generation limit) are left out of both Gaussians and of the clip
+interval (their capped length is not a real length; issue 11 item 2); a group with nothing else gets
+l_opt = max L (no compression). p_err, d and Lambda still count every sample.
 """
 
 from __future__ import annotations
@@ -62,16 +65,21 @@ def optimal_length(lengths: Tensor, correct: Tensor, variance: Literal["populati
 
 def calibration_rewards(
     correct: Tensor, lengths: Tensor, group_ids: Tensor, *, variance: Literal["population", "unbiased"] = "population",
-    eps: float = 1e-6,
+    eps: float = 1e-6, truncated: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (r [B], d [B], Lambda per sample [B], l_opt per sample [B]), all float64."""
+    """-> (r [B], d [B], Lambda per sample [B], l_opt per sample [B]), all float64.
+
+    correct/lengths (tokens)/group_ids/truncated [B]; truncated samples do not shape l_opt (None: none are).
+    """
     inv, n = group_index(group_ids)
     c = correct.bool()
+    ok = torch.ones_like(c) if truncated is None else ~truncated.bool()
     L = lengths.to(torch.float64)
     lopt_g = torch.zeros(n, dtype=torch.float64)
     for g in range(n):
         sel = inv == g
-        lopt_g[g] = optimal_length(L[sel], c[sel], variance)
+        use = sel & ok
+        lopt_g[g] = optimal_length(L[use], c[use], variance) if bool(use.any()) else float(L[sel].max())
     lopt = lopt_g[inv]
     d = torch.where(c, torch.relu(L - lopt), torch.zeros_like(L))
     acc = c.to(torch.float64)

@@ -5,7 +5,9 @@ max(0, 1 - d/100) outside (d = distance to the nearer band edge), 0 for wrong an
 two distinct correct lengths (P30 < P70), as in the authors' code. M(q) = median of correct lengths.
 Stage 2 (Internalization): the prompt gets "I will answer the question with {n} tokens." right after
 ``<think>``; R_I = C + beta * C * exp(-(L - n)^2 / (2 sigma^2)); M(q) refined by the dual rule (Eq. 8).
-Percentiles/median use numpy's linear interpolation.
+Percentiles/median use numpy's linear interpolation. Truncated responses (cut at the generation limit)
+never define the band, the map or the stage-2 group target (their capped length is not a real length;
+issue 11 item 2); they are still rewarded against the band/target of the others.
 """
 
 from __future__ import annotations
@@ -87,16 +89,20 @@ def band_bonus(length: float, lo: float, hi: float, decay_width: float) -> float
 
 def lapo_stage1_rewards(
     correct: Tensor, lengths: Tensor, group_ids: Tensor, *, alpha: float, low_pct: float, high_pct: float,
-    decay_width: float,
+    decay_width: float, truncated: Tensor | None = None,
 ) -> tuple[Tensor, dict[int, tuple[float, float] | None]]:
-    """R_D per sample [B] (float64) and the band (P_low, P_high) per group id (None without a band)."""
+    """R_D per sample [B] (float64) and the band (P_low, P_high) per group id (None without a band).
+
+    correct/lengths/group_ids/truncated [B]; the band uses the correct, non-truncated lengths (tokens).
+    """
     c = correct.bool()
+    stat = c if truncated is None else c & ~truncated.bool()
     L = lengths.to(torch.float64)
     out = c.to(torch.float64).clone()
     bands: dict[int, tuple[float, float] | None] = {}
     for g in torch.unique(group_ids).tolist():
         idx = (group_ids == g).nonzero().flatten()
-        cl = L[idx][c[idx]]
+        cl = L[idx][stat[idx]]
         band = None
         if cl.numel() >= 1:
             lo, hi = quantile_linear(cl, low_pct / 100.0), quantile_linear(cl, high_pct / 100.0)

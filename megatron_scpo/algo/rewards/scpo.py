@@ -7,6 +7,8 @@ Only the survey row of the reward survived (research/papers.md 1.2); the symbols
     incorrect: r_j = -exp(-rho * (K - j) / k0),  j = 1..K, k0 = K unless configured
 so long, unimportant steps lose most; important steps (w ~ 1) keep their length; a wrong response's
 penalty concentrates on the steps nearest its wrong conclusion. A zero std gives z = 0 (population std).
+Truncated responses (cut at the generation limit) never enter mu_l, sd_l, mu_L, sd_L: their capped
+length would shift the reference lengths (DESIGN.md 3, issue 11 item 2); they still get a reward.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ def scpo_step_rewards(
     importance: Tensor,
     total_lengths: Tensor,
     cfg: ScpoConfig,
+    truncated: Tensor | None = None,
 ) -> Tensor:
-    """Step rewards [B, K] (float64, 0 on padding).
+    """Step rewards [B, K] (float64, 0 on padding; correct in [(1-k1)(1-k2), 1], wrong in [-1, 0)).
 
     step_lengths/step_mask/importance [B, K] (importance w in [0, 1], only read for correct samples);
-    total_lengths [B] is L (response tokens).
+    total_lengths [B] is L (response tokens); truncated [B] bool marks samples kept out of the length
+    statistics (None: none). Raises ValueError on NaN or out-of-range importance.
     """
     mask = step_mask.bool()
     c = correct.bool()
@@ -45,10 +49,11 @@ def scpo_step_rewards(
     inv, n = group_index(group_ids)
     lj = step_lengths.to(torch.float64)
     gid = inv[:, None].expand_as(lj)
-    step_sel = mask & c[:, None]
+    stat = c if truncated is None else c & ~truncated.bool()
+    step_sel = mask & stat[:, None]
     mu_l, sd_l, _ = masked_group_stats(lj, gid, n, step_sel)
     L = total_lengths.to(torch.float64)
-    mu_L, sd_L, _ = masked_group_stats(L, inv, n, c)
+    mu_L, sd_L, _ = masked_group_stats(L, inv, n, stat)
     lt = (1.0 - w) * _zscore(lj, mu_l[gid], sd_l[gid])
     nt = _zscore(L, mu_L[inv], sd_L[inv])
     r_correct = (1.0 - cfg.k1 * torch.sigmoid(lt)) * (1.0 - cfg.k2 * torch.sigmoid(nt))[:, None]
