@@ -8,6 +8,11 @@ transformers v5 pitfall (research/infra.md C): ``AutoTokenizer`` may pick a mode
 ``config.json`` and swap the pre-tokenizer. We (a) pre-tokenize with Qwen2's regex + ``ByteLevel(use_regex=
 False)``, which is what such a swap installs, and (b) save ``tokenizer_class: TokenizersBackend``; tests
 check that a reload next to a Llama config gives identical ids.
+
+BOS: the tokenizer adds ``<|bos|>`` itself (``add_bos_token=True``, a post-processor in tokenizer.json), like a
+Llama tokenizer. Raw prompts are encoded with the tokenizer's own special tokens (data/templates.py), so the
+tiny model's prompts start with exactly one BOS; responses are always encoded with ``add_special_tokens=False``.
+Directories written before v2 (``add_bos_token=False``, the BOS was added by the caller) are upgraded on load.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from transformers import PreTrainedTokenizerFast
 
 from megatron_scpo.data import synthetic, templates
 
-TOKENIZER_VERSION = "arith-bpe-v1"  # bump when the corpus or settings change: cached dirs are keyed by it
+TOKENIZER_VERSION = "arith-bpe-v2"  # v2: adds BOS itself  # bump when the corpus or settings change: cached dirs are keyed by it
 VOCAB_SIZE = 460
 BOS, EOS, PAD = "<|bos|>", "<|im_end|>", "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -67,7 +72,7 @@ def _train() -> Tokenizer:
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, add_bos_token=False, add_eos_token=False,
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, add_bos_token=True, add_eos_token=False,
     )
     hf.chat_template = CHAT_TEMPLATE
     return hf
@@ -109,7 +114,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json")
     hf = PreTrainedTokenizerFast.from_pretrained(str(path))
-    if not hf.chat_template:
+    adds_bos = hf("1", add_special_tokens=True)["input_ids"][:1] == [hf.bos_token_id]
+    if hf.bos_token == BOS and not adds_bos:
+        hf.add_bos_token = True  # a v1 task tokenizer dir: the caller used to add its BOS (same prompt ids)
+    if not hf.chat_template and hf.bos_token == BOS:  # only our task tokenizer gets our template
         hf.chat_template = CHAT_TEMPLATE
     return hf
 

@@ -48,9 +48,24 @@ def score_samples(records: Sequence[Any], outputs: Sequence[Sequence[Any]], toke
     return out
 
 
-def run_eval(engine: Any, tokenizer: Any, cfg: Any, records: Sequence[Any], encode: Any) -> dict[str, Any]:
-    """Generate ``eval.n_samples`` per record with the eval sampling settings and aggregate."""
-    from megatron_scpo.data.templates import render_prompt
+def encode_eval_prompts(tokenizer: Any, cfg: Any, records: Sequence[Any]) -> tuple[list[str], list[list[int]]]:
+    """(rendered texts, prompt ids) of ``records``: ``templates.encode_rendered``, the one encoding rollouts use.
+
+    Raises PromptTooLongError naming the record id when a prompt exceeds ``data.max_prompt_tokens``.
+    """
+    from megatron_scpo.data.templates import encode_rendered, render_prompt
+
+    texts = [render_prompt(r.problem, cfg.data.template, tokenizer) for r in records]
+    ids = [encode_rendered(t, cfg.data.template, tokenizer, max_tokens=cfg.data.max_prompt_tokens, name=r.id)
+           for t, r in zip(texts, records)]
+    return texts, ids
+
+
+def run_eval(engine: Any, tokenizer: Any, cfg: Any, records: Sequence[Any]) -> dict[str, Any]:
+    """Generate ``eval.n_samples`` per record with the eval sampling settings and aggregate.
+
+    Prompts come from ``encode_eval_prompts`` (the ids training rollouts use), whichever engine serves them.
+    """
     from megatron_scpo.data.verify import Grading
     from megatron_scpo.rollout.base import SamplingParams
 
@@ -58,8 +73,8 @@ def run_eval(engine: Any, tokenizer: Any, cfg: Any, records: Sequence[Any], enco
     params = SamplingParams(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, temperature=e.temperature,
                             top_p=e.top_p, stop_token_ids=[int(tokenizer.eos_token_id)], seed=e.seed,
                             greedy=e.greedy)
-    texts = [render_prompt(r.problem, cfg.data.template, tokenizer) for r in records]
-    outputs = engine.generate([encode(t) for t in texts], e.n_samples, params)
+    texts, prompts = encode_eval_prompts(tokenizer, cfg, records)
+    outputs = engine.generate(prompts, e.n_samples, params)
     rows = score_samples(records, outputs, tokenizer, cfg.data.source == "synthetic", Grading.from_config(cfg), texts)
     result = aggregate(rows, e.pass_k)
     example = outputs[0][0]
@@ -71,7 +86,7 @@ def evaluate(rt: Any, records: Sequence[Any], label: str, baseline: dict[str, An
     """Evaluate the engine's current weights on rank 0; writes ``eval/<label>.json``. None on other ranks."""
     if not rt.is_main:
         return None
-    result = run_eval(rt.engine, rt.tokenizer, rt.cfg, records[: rt.cfg.eval.n_prompts], rt.encode_prompt)
+    result = run_eval(rt.engine, rt.tokenizer, rt.cfg, records[: rt.cfg.eval.n_prompts])
     result["label"] = label
     result["created"] = time.time()
     if baseline is not None:
@@ -92,7 +107,39 @@ def load_eval(run_dir: str | Path, label: str) -> dict[str, Any] | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def eval_hf(cfg: Any, hf_dir: str | Path, records: Sequence[Any], label: str | None, out: str | None) -> dict:
+    """`scpo eval --hf DIR`: the engine ``rollout.engine`` selects (``runtime.make_engine``, as in training) serves
+    ``DIR``; prompts go through the one encoding. Writes ``<out>/eval/<label>.json`` and returns the result.
+
+    Raises ValueError (one line, naming the dir) for a missing config or tokenizer, PromptTooLongError before
+    any engine starts."""
+    from megatron_scpo.data.tokenizer import load_tokenizer
+    from megatron_scpo.trainer.runtime import make_engine
+
+    if not (Path(hf_dir) / "config.json").is_file():
+        raise ValueError(f"--hf: {Path(hf_dir) / 'config.json'} not found (give an HF model dir)")
+    try:
+        tok = load_tokenizer(hf_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--hf: cannot load a tokenizer from {hf_dir}: {e}") from None
+    encode_eval_prompts(tok, cfg, records)  # an overlong prompt fails before an engine starts
+    engine = make_engine(cfg, Path(hf_dir), tok)
+    try:
+        result = run_eval(engine, tok, cfg, records)
+    finally:
+        engine.shutdown()
+    result["label"] = label or Path(hf_dir).name
+    result["engine"] = cfg.rollout.engine
+    d = Path(out or ".") / "eval"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{result['label']}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`scpo eval`; bad input (config field, data file line/field, model dir) prints one ``error:`` line, exit 2."""
+    import sys
+
     p = argparse.ArgumentParser(prog="scpo eval", description=__doc__.splitlines()[0])
     p.add_argument("config", help="experiment YAML (data, eval and rollout sections are used)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
@@ -107,27 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_scpo.config import load_config
     from megatron_scpo.data.datasets import load_split
 
-    cfg = load_config(a.config, a.overrides)
-    records = load_split(cfg.data, "eval")[: cfg.eval.n_prompts]
-    if a.hf:
-        from megatron_scpo.data.tokenizer import load_tokenizer
-        from megatron_scpo.rollout.local import LocalEngine
+    try:
+        cfg = load_config(a.config, a.overrides)
+        if a.hf:
+            records = load_split(cfg.data, "eval")[: cfg.eval.n_prompts]
+            result = eval_hf(cfg, a.hf, records, a.label, a.out)
+            print(json.dumps({k: v for k, v in result.items() if k != "example"}, indent=1))
+            return 0
+        from megatron_scpo.trainer.run import evaluate_checkpoint
 
-        tok = load_tokenizer(a.hf)
-        engine = LocalEngine.from_pretrained(a.hf, tokenizer=tok)
-
-        def encode(text: str) -> list[int]:
-            bos = tok.bos_token_id
-            return ([bos] if bos is not None else []) + tok.encode(text, add_special_tokens=False)
-
-        result = run_eval(engine, tok, cfg, records, encode)
-        result["label"] = a.label or Path(a.hf).name
-        out = Path(a.out or ".") / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{result['label']}.json").write_text(json.dumps(result, indent=1))
-        print(json.dumps({k: v for k, v in result.items() if k != "example"}, indent=1))
-        return 0
-    from megatron_scpo.trainer.run import evaluate_checkpoint
-
-    evaluate_checkpoint(cfg, Path(a.run_dir), a.checkpoint, a.label, a.out)
+        evaluate_checkpoint(cfg, Path(a.run_dir), a.checkpoint, a.label, a.out)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, PromptTooLongError, ConversionError
+        print(f"scpo eval: error: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -30,7 +30,7 @@ import yaml
 from megatron_scpo import configlib
 from megatron_scpo.config import ConfigError, ExperimentConfig, load_config
 from megatron_scpo.trainer.preempt import PREEMPTED_EXIT_CODE, Preempted, StopRequest
-from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info
+from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info, make_engine
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -68,7 +68,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def check_prompt_lengths(cfg: ExperimentConfig, records: list[Any]) -> None:
-    """Every prompt must fit data.max_prompt_tokens (BOS included): fail in seconds, not mid-run."""
+    """Every prompt must fit data.max_prompt_tokens (special tokens included): fail in seconds, not mid-run."""
     from megatron_scpo.data.datasets import encode_prompts
     from megatron_scpo.data.tokenizer import build_tokenizer, load_tokenizer
 
@@ -79,12 +79,10 @@ def check_prompt_lengths(cfg: ExperimentConfig, records: list[Any]) -> None:
             tok = load_tokenizer(cfg.model.hf_path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.hf_path: cannot load a tokenizer from {cfg.model.hf_path}: {e}") from None
-    bos = 1 if tok.bos_token_id is not None else 0
-    try:
-        encode_prompts(records, tok, cfg.data.template, cfg.data.max_prompt_tokens - bos)
+    try:  # the ids rollouts will use (templates.encode_prompt): special tokens such as BOS are counted
+        encode_prompts(records, tok, cfg.data.template, cfg.data.max_prompt_tokens)
     except ValueError as e:
-        note = " (one token of data.max_prompt_tokens is reserved for BOS)" if bos else ""
-        raise ConfigError(f"{e}{note}") from None
+        raise ConfigError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------- runtime
@@ -115,20 +113,6 @@ def _write_tiny_model(cfg: ExperimentConfig, out: Path, tok: Any) -> None:
     os.replace(tmp, out)
 
 
-def _make_engine(cfg: ExperimentConfig, hf_dir: Path, tokenizer: Any) -> Any:
-    if cfg.rollout.engine == "local":
-        from megatron_scpo.rollout.local import LocalEngine
-
-        return LocalEngine.from_pretrained(hf_dir, tokenizer=tokenizer,
-                                           max_batch_size=cfg.rollout.local_max_batch_size)
-    from megatron_scpo.rollout.sglang import SGLangEngine
-
-    sg = cfg.rollout.sglang
-    if sg.model_path is None:
-        sg = dataclasses.replace(sg, model_path=str(hf_dir))
-    return SGLangEngine(sg, urls=list(cfg.rollout.sglang_urls) or None, vocab_size=len(tokenizer))
-
-
 def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
     """Megatron policy (parallel state inside, HF weights loaded), tokenizer, rank-0 engine, logger, checkpoints."""
     import torch
@@ -157,7 +141,7 @@ def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
         load_hf_into_model(policy.modules(), hf_config, hf_tensors)
     del hf_tensors
     tokenizer = load_tokenizer(hf_dir)
-    engine = _make_engine(cfg, hf_dir, tokenizer) if rank == 0 else None
+    engine = make_engine(cfg, hf_dir, tokenizer) if rank == 0 else None
     logger = MetricsLogger(run_dir, cfg.logging, rank=rank, config_dict=configlib.to_dict(cfg))
     ckpt = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, rank=rank, barrier=barrier)
     if rank == 0:

@@ -46,6 +46,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def make_engine(cfg: ExperimentConfig, hf_dir: str | Path, tokenizer: Any) -> Any:
+    """The rollout engine ``rollout.engine`` selects, serving the HF dir ``hf_dir`` (``scpo train`` and ``scpo eval``).
+
+    ``local``: a LocalEngine in this process. ``sglang``: an SGLangEngine on ``rollout.sglang_urls`` (or servers it
+    launches from ``rollout.sglang``, with ``model_path`` defaulting to ``hf_dir``).
+    """
+    import dataclasses
+
+    if cfg.rollout.engine == "local":
+        from megatron_scpo.rollout.local import LocalEngine
+
+        return LocalEngine.from_pretrained(hf_dir, tokenizer=tokenizer, max_batch_size=cfg.rollout.local_max_batch_size)
+    from megatron_scpo.rollout.sglang import SGLangEngine
+
+    sg = cfg.rollout.sglang
+    if sg.model_path is None:
+        sg = dataclasses.replace(sg, model_path=str(hf_dir))
+    return SGLangEngine(sg, urls=list(cfg.rollout.sglang_urls) or None, vocab_size=len(tokenizer))
+
+
 @dataclass
 class Runtime:
     """Live objects of a run. ``engine`` exists on rank 0 only."""
@@ -79,15 +99,15 @@ class Runtime:
         return int(self.tokenizer.eos_token_id)
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Prompt text -> ids with BOS first (the SFT data and the rollouts use the same encoding)."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        bos = self.tokenizer.bos_token_id
-        ids = ([bos] if bos is not None else []) + ids
-        if len(ids) > self.cfg.data.max_prompt_tokens:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens exceeds data.max_prompt_tokens={self.cfg.data.max_prompt_tokens}: "
-                f"{text[:80]!r}")
-        return ids
+        """Rendered prompt text (``render_prompt`` of ``data.template``, maybe LAPO-extended) -> ids.
+
+        The one encoding rule (``templates.encode_rendered``): chat prompts equal ``apply_chat_template(...,
+        tokenize=True)``; raw prompts get the tokenizer's own BOS policy, never a second BOS. SFT data, rollouts
+        and evaluation all come through here. Raises PromptTooLongError over ``data.max_prompt_tokens``.
+        """
+        from megatron_scpo.data.templates import encode_rendered
+
+        return encode_rendered(text, self.cfg.data.template, self.tokenizer, max_tokens=self.cfg.data.max_prompt_tokens)
 
     def logprobs(self, packed: PackedBatch, temperature: float, micro_batch_size: int | None = None) -> torch.Tensor:
         """Trainer log-probs ``[B, S]`` of a packed batch (collective over model-parallel ranks)."""

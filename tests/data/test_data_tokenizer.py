@@ -1,4 +1,6 @@
-"""Locally built tokenizer (round trip, offsets, whole tokens, v5 AutoTokenizer reload) and the tiny model."""
+"""Locally built tokenizer (round trip, offsets, whole tokens, v5 AutoTokenizer reload), the tiny model, and the one
+prompt encoding (data/templates.py) against ``apply_chat_template(tokenize=True)`` for tokenizers that do and do not
+add BOS, with chat templates that do and do not start with ``bos_token`` (all built here, no downloads)."""
 
 import re
 
@@ -23,7 +25,7 @@ def texts():
 
 def test_vocab_and_whole_tokens(tok, texts):
     assert 200 <= len(tok) <= 500
-    ids = lambda s: tok(s)["input_ids"]  # noqa: E731
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     for d in "0123456789":
         assert len(ids(d)) == 1
     assert ids("1234") == [ids(d)[0] for d in "1234"]  # digits never merge: numbers are spelled digit by digit
@@ -40,20 +42,21 @@ def test_vocab_and_whole_tokens(tok, texts):
 
 def test_round_trip_and_offsets(tok, texts):
     for t in texts + ["héllo wörld ∑ 😀\t\r\n x", "  two  spaces \n\n\n three"]:
-        enc = tok(t, return_offsets_mapping=True)
+        enc = tok(t, return_offsets_mapping=True, add_special_tokens=False)
         assert tok.decode(enc["input_ids"]) == t
         if t.isascii():
             assert "".join(t[s:e] for s, e in enc["offset_mapping"]) == t
             assert all(e > s for s, e in enc["offset_mapping"])
     t = texts[0]
-    enc = tok(t, return_offsets_mapping=True)
+    enc = tok(t, return_offsets_mapping=True, add_special_tokens=False)
     i = enc["input_ids"].index(tok.convert_tokens_to_ids("</think>"))
     assert enc["offset_mapping"][i] == (t.index("</think>"), t.index("</think>") + len("</think>"))
     # Prompt and completion tokenized separately concatenate to the joint tokenization (rollouts rely on it).
     ex = synthetic.generate_examples(5, "train", seed=2)
     for e in ex:
         p = templates.render_prompt(e.problem.expression, "synthetic")
-        assert tok(p)["input_ids"] + tok(e.verbose.text)["input_ids"] == tok(p + e.verbose.text)["input_ids"]
+        plain = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        assert plain(p) + plain(e.verbose.text) == plain(p + e.verbose.text)
 
 
 def test_cache_and_chat_template(tok, tmp_path):
@@ -112,3 +115,108 @@ def test_reload_next_to_qwen2_config_keeps_ids(tok, tmp_path, texts):
     auto = AutoTokenizer.from_pretrained(tmp_path)
     for t in texts[:5] + ["héllo  wörld\n\n\n 12345 <|im_end|>", "Wait, 7+5=12?!"]:
         assert auto(t)["input_ids"] == tok(t)["input_ids"]
+
+
+# ------------------------------------------------------------------ the one prompt encoding (issue 11 item 6)
+R1_TEMPLATE = (  # DeepSeek-R1-Distill style: the template itself writes BOS
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}"
+)
+CHATML = (  # Qwen / SmolLM2 style: no BOS in the template
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# name -> (bos token or None, tokenizer adds BOS itself, tokenizer adds EOS itself, chat template)
+VARIANTS = {
+    "r1_distill": ("<bos>", True, False, R1_TEMPLATE),  # Llama-style tokenizer + BOS-writing template
+    "llama_chatml": ("<bos>", True, False, CHATML),  # adds BOS, template does not write it
+    "qwen": (None, False, False, CHATML),  # no BOS token at all
+    "smollm2_like": ("<|im_start|>", False, False, CHATML),  # BOS token == the ChatML turn opener, never added
+    "bos_template_no_add": ("<bos>", False, False, R1_TEMPLATE),
+    "adds_eos": ("<bos>", True, True, R1_TEMPLATE),  # a prompt must never end in a tokenizer-added EOS
+}
+
+
+def _variant_tokenizer(bos: str | None, add_bos: bool, add_eos: bool, template: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<|im_start|>", "<|im_end|>", "<|User|>", "<|Assistant|>"]
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    corpus = [templates.RAW_THINK.format(problem="1 + 2"), templates.INSTRUCTION, "user assistant system"] * 3
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    kw = {"bos_token": bos} if bos is not None else {}
+    hf = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<pad>", add_bos_token=add_bos,
+                                 add_eos_token=add_eos, **kw)
+    hf.chat_template = template
+    return hf
+
+
+def _old_rule(tokenizer, text: str) -> list[int]:
+    """What Runtime.encode_prompt / scpo eval --hf did before: BOS + encode(text) whatever the template wrote."""
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_prompt_ids_equal_the_models_own_tokenization(name):
+    bos, add_bos, add_eos, template = VARIANTS[name]
+    tok = _variant_tokenizer(bos, add_bos, add_eos, template)
+    problem = "What is 1 + 2?"
+    ref = tok.apply_chat_template(templates.chat_messages(problem), add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    ids = templates.encode_prompt(problem, "chat", tok)
+    assert ids == ref
+    template_writes_bos = bos is not None and template.startswith("{{ bos_token }}")
+    if template_writes_bos:
+        assert ids[0] == tok.bos_token_id != ids[1]  # exactly one BOS in front
+    elif bos != "<|im_start|>":
+        assert tok.bos_token_id not in ids  # a template without BOS gets none (not even from add_bos_token)
+    if name == "r1_distill":  # the fault: the old rule doubled the template's BOS
+        assert _old_rule(tok, templates.render_prompt(problem, "chat", tok))[:2] == [tok.bos_token_id] * 2
+    # with a LAPO budget: the rendered text's ids, still without added specials
+    text = templates.render_prompt(problem, "chat", tok, length_budget=64)
+    assert templates.encode_prompt(problem, "chat", tok, length_budget=64) == tok(text, add_special_tokens=False)[
+        "input_ids"]
+    # raw templates: the tokenizer's own BOS policy (tokenizer(text)), never an added EOS, never a second BOS
+    for tpl in ("raw_think", "synthetic"):
+        text = templates.render_prompt(problem, tpl)
+        plain = tok(text, add_special_tokens=False)["input_ids"]
+        expect = ([tok.bos_token_id] if add_bos else []) + plain
+        assert templates.encode_prompt(problem, tpl, tok) == expect
+        if not add_eos:
+            assert expect == tok(text)["input_ids"]
+        if bos is not None:  # text that already starts with BOS keeps exactly one
+            ids = templates.encode_rendered(bos + text, tpl, tok)
+            assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+
+
+def test_task_tokenizer_adds_its_bos_once_and_old_dirs_are_upgraded(tok, tmp_path):
+    """The tiny model's prompts keep the ids of the old rule (BOS + text): the tokenizer now adds BOS itself."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_scpo.data.tokenizer import load_tokenizer
+
+    for tpl in ("synthetic", "raw_think"):
+        text = templates.render_prompt("1 + 2", tpl)
+        assert templates.encode_prompt("1 + 2", tpl, tok) == _old_rule(tok, text)
+    chat = templates.encode_prompt("1 + 2", "chat", tok)  # the task chat template writes no BOS
+    assert chat == tok.apply_chat_template(templates.chat_messages("1 + 2"), add_generation_prompt=True,
+                                           return_dict=False) and tok.bos_token_id not in chat
+    # a v1 dir (add_bos_token=False; callers added BOS) loads as a BOS-adding tokenizer with the same vocab
+    v1 = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), bos_token=tok.bos_token,
+                                 eos_token=tok.eos_token, pad_token=tok.pad_token, add_bos_token=False)
+    assert v1("1")["input_ids"][0] != tok.bos_token_id
+    v1.save_pretrained(tmp_path / "v1")
+    again = load_tokenizer(tmp_path / "v1")
+    assert again("1 + 2")["input_ids"] == tok("1 + 2")["input_ids"] and fingerprint(again) == fingerprint(tok)
+
+
+def test_overlong_prompt_names_the_prompt(tok):
+    with pytest.raises(templates.PromptTooLongError, match=r"prompt 'p7' has \d+ tokens > data.max_prompt_tokens=5"):
+        templates.encode_prompt("1 + 2", "synthetic", tok, max_tokens=5, name="p7")
+    with pytest.raises(ValueError, match="unknown template"):
+        templates.encode_rendered("x", "nope", tok)  # type: ignore[arg-type]
