@@ -63,7 +63,7 @@ def test_config_typo_and_bad_override(tmp_path, capsys):
 
 def test_overlong_prompt(tmp_path, capsys):
     err = _run(tmp_path, BASE + "data: {source: synthetic, template: raw_think, max_prompt_tokens: 20}\n", capsys)
-    assert "data.max_prompt_tokens=19" in err and "prompt 'arith-train-0'" in err
+    assert "data.max_prompt_tokens=20" in err and "prompt 'arith-train-0'" in err  # BOS counted in the ids
 
 
 def test_unsupported_combinations(tmp_path, capsys):
