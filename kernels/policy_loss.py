@@ -11,7 +11,8 @@ Inputs outside ``mask`` are replaced by 0 first (garbage/NaN there never reaches
 Math is fp32 for every input dtype (fp64 stays fp64 on the torch path), unlike the spec, which
 computes in the log-probs' dtype; for fp32 inputs the two agree. Aggregation (``agg``):
 token-mean = sum / #tokens; seq-mean-token-mean = mean over non-empty rows of the row's token mean;
-seq-mean-token-sum-norm = sum / (B * norm_length) (norm_length defaults to T). Empty mask -> 0.
+seq-mean-token-sum-norm = sum / (#non-empty rows * norm_length) (norm_length defaults to T). Empty mask -> 0.
+The ``approx_kl`` metric is the spec's k3, clamped to [-10, 10].
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ._dispatch import Impl, NonFiniteError, check_float, check_same_device, cou
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LOG_RATIO_CLAMP = 20.0
+KL_CLAMP = 10.0
 
 
 def aggregate(x: Tensor, mask: Tensor, agg: AggMode = "token-mean", norm_length: int | None = None) -> Tensor:
@@ -39,7 +41,8 @@ def aggregate(x: Tensor, mask: Tensor, agg: AggMode = "token-mean", norm_length:
         return (xs.sum(dim=-1) / n.clamp(min=1.0) * nonempty).sum() / nonempty.sum().clamp(min=1.0)
     if agg == "seq-mean-token-sum-norm":
         norm = float(norm_length if norm_length is not None else x.shape[-1])
-        return xs.sum() / (x.shape[0] * norm)
+        rows = (m.sum(dim=-1) > 0).to(x.dtype).sum().clamp(min=1.0)
+        return xs.sum() / (rows * norm)
     raise ValueError(f"agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm; got {agg!r}")
 
 
@@ -158,6 +161,6 @@ def policy_loss(
 
         metrics = {
             "pg_loss": loss.detach(), "clipfrac_low": f(low), "clipfrac_high": f(high), "clipfrac": f(low | high),
-            "dualclip_frac": f(dual), "approx_kl": f(torch.exp(d) - d - 1.0), "ratio_mean": f(ratio),
+            "dualclip_frac": f(dual), "approx_kl": f((torch.exp(d) - d - 1.0).clamp(-KL_CLAMP, KL_CLAMP)), "ratio_mean": f(ratio),
         }
     return loss, metrics

@@ -5,7 +5,7 @@ Per token, with ``ratio = exp(clamp(logp - old, -20, 20))`` and per-sample clip 
     pg   = max(-A * ratio, -A * clamp(ratio, 1 - eps_low[b], 1 + eps_high[b]))
     pg   = min(pg, -A * c)            where A < 0      (dual-clip, c = dual_clip > 1)
     pg  *= tis_weights                                  (truncated IS weights, treated as constants)
-    loss = pg + kl_coef * k3(logp, ref)                 k3 = exp(ref - logp) - (ref - logp) - 1
+    loss = pg + kl_coef * k3(logp, ref)                 k3 = clamp(exp(d) - d - 1, -10, 10), d = ref - logp
 
 then aggregated over ``mask`` (see ``aggregate``). Padding positions are replaced by 0 before any
 arithmetic, so garbage (even inf/NaN) outside the mask never reaches the loss or the gradient.
@@ -23,13 +23,16 @@ from megatron_scpo.algo.groups import check_finite
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LOG_RATIO_CLAMP = 20.0
+KL_CLAMP = 10.0  # verl's low_var_kl clamps the k3 value to [-10, 10]
 
 
 def aggregate(x: Tensor, mask: Tensor, agg: AggMode = "token-mean", norm_length: int | None = None) -> Tensor:
     """Reduce per-token ``x[B, T]`` over ``mask[B, T]``.
 
     token-mean: sum / #tokens. seq-mean-token-mean: mean over non-empty sequences of their token mean.
-    seq-mean-token-sum-norm: sum / (B * norm_length) (Dr.GRPO constant normalizer; T when None).
+    seq-mean-token-sum-norm: sum / (#non-empty sequences * norm_length) (Dr.GRPO: a mean over sequences of the
+    token sum over a constant, the generation budget; T when None). An empty row (a padding row, or a sample
+    masked out by overlong filtering) is no sequence and does not dilute the others.
     An all-empty mask gives 0 (with a zero gradient), never NaN.
     """
     m = mask.to(x.dtype)
@@ -45,14 +48,19 @@ def aggregate(x: Tensor, mask: Tensor, agg: AggMode = "token-mean", norm_length:
         norm = float(norm_length if norm_length is not None else x.shape[-1])
         if norm <= 0:
             raise ValueError(f"norm_length must be > 0, got {norm_length}")
-        return xs.sum() / (x.shape[0] * norm)
+        rows = (m.sum(dim=-1) > 0).to(x.dtype).sum().clamp(min=1.0)
+        return xs.sum() / (rows * norm)
     raise ValueError(f"agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm; got {agg!r}")
 
 
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Schulman's k3 estimator of KL(pi || ref) per token: non-negative and unbiased."""
+    """Schulman's k3 estimator of KL(pi || ref) per token [same shape], clamped to [-10, 10] as verl does.
+
+    ``d = clamp(ref - logp, -20, 20)``, ``k3 = clamp(exp(d) - d - 1, -10, 10)``: non-negative, unbiased while
+    below the clamp; a token far off the reference contributes at most 10 (and no gradient beyond).
+    """
     d = (ref_logprobs - logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return torch.exp(d) - d - 1.0
+    return (torch.exp(d) - d - 1.0).clamp(-KL_CLAMP, KL_CLAMP)
 
 
 def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, cap: float, mask: Tensor | None = None) -> Tensor:

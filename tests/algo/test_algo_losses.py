@@ -38,11 +38,33 @@ def test_aggregation_modes_hand_computed():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
     assert aggregate(x, mask, "token-mean").item() == pytest.approx(10 / 4)
     assert aggregate(x, mask, "seq-mean-token-mean").item() == pytest.approx((2.0 + 4.0) / 2)
-    assert aggregate(x, mask, "seq-mean-token-sum-norm", norm_length=5).item() == pytest.approx(10 / (3 * 5))
-    assert aggregate(x, mask, "seq-mean-token-sum-norm").item() == pytest.approx(10 / (3 * 4))
+    # Dr.GRPO: mean over the 2 real sequences of token sum / norm_length; the empty third row is no sequence
+    # (it used to count: 10 / (3 * 5)); the row-by-row reference: (6 / 5 + 4 / 5) / 2
+    assert aggregate(x, mask, "seq-mean-token-sum-norm", norm_length=5).item() == pytest.approx((6 / 5 + 4 / 5) / 2)
+    assert aggregate(x, mask, "seq-mean-token-sum-norm").item() == pytest.approx(10 / (2 * 4))
+    # appending empty rows (padding, overlong-filtered samples) leaves every mode unchanged
+    x2, m2 = torch.cat([x, torch.ones(2, 4)]), torch.cat([mask, torch.zeros(2, 4, dtype=torch.bool)])
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        assert aggregate(x2, m2, agg, norm_length=5).item() == pytest.approx(aggregate(x, mask, agg, norm_length=5).item())
     assert aggregate(x, torch.zeros_like(mask), "token-mean").item() == 0.0
     with pytest.raises(ValueError, match="agg"):
         aggregate(x, mask, "bogus")
+
+
+def test_k3_kl_is_clamped_to_10_like_verl():
+    """k3 = exp(d) - d - 1 (d = ref - logp) grows like exp(d): one token far below the reference would dominate.
+
+    verl clamps the value to [-10, 10]; reference values computed with math, and no gradient past the clamp.
+    """
+    lp = torch.tensor([[-1.0, -16.0, -3.0, -40.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -3.0, -1.0]], dtype=torch.float64)
+    k = kl_k3(lp, ref)
+    d = [-0.5, 15.0, 0.0, 20.0]  # ref - logp, the last one already at the +-20 log-ratio clamp
+    exp = [min(math.exp(v) - v - 1.0, 10.0) for v in d]
+    torch.testing.assert_close(k, torch.tensor([exp], dtype=torch.float64))
+    assert k.max().item() == 10.0
+    (g,) = torch.autograd.grad(k.sum(), lp)
+    assert g[0, 1] == 0 and g[0, 3] == 0 and g[0, 0] == pytest.approx(-math.exp(-0.5) + 1.0)
 
 
 def _analytic_grad(lp, old, adv, mask, el, eh, c, w, ref, kl_coef):

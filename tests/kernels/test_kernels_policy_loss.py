@@ -123,3 +123,25 @@ def test_bad_input_raises(impl):
     bad[mask] = float("inf")
     with pytest.raises(ValueError, match="advantages"):
         policy_loss(lp, old, bad, mask, el, eh, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_empty_rows_do_not_count_and_kl_metric_is_clamped(impl):
+    """seq-mean-token-sum-norm divides by the non-empty rows (empty rows used to count) and approx_kl is the spec's
+    clamped k3; both kernels match the spec and a row-by-row reference."""
+    lp, old, adv, mask, el, eh, _ = _inputs(11, 4, 30)
+    mask[-1] = True
+    old[0, :5] = lp[0, :5] + 15.0  # far off: k3 ~ exp(15) before the [-10, 10] clamp
+    kw = dict(agg="seq-mean-token-sum-norm", norm_length=40)
+    base, _, m_base = _run(policy_loss, lp, old, adv, mask, el, eh, impl=impl, block_t=32, **kw)
+    pad = lambda t, v: torch.cat([t, torch.full((3, *t.shape[1:]), v, dtype=t.dtype)])  # noqa: E731
+    padded, _, _ = _run(policy_loss, pad(lp, -1.0), pad(old, -1.0), pad(adv, 1.0), pad(mask, False), pad(el, 0.2),
+                        pad(eh, 0.2), impl=impl, block_t=32, **kw)
+    torch.testing.assert_close(padded, base, rtol=1e-6, atol=1e-7)
+    spec, _, m_spec = _run(spec_policy_loss, lp, old, adv, mask, el, eh, **kw)
+    torch.testing.assert_close(base, spec, rtol=1e-6, atol=1e-7)
+    per_row = [policy_loss(lp[b:b + 1], old[b:b + 1], adv[b:b + 1], mask[b:b + 1], el[b:b + 1], eh[b:b + 1],
+                           impl="torch", **kw)[0] for b in range(4)]
+    torch.testing.assert_close(base, torch.stack(per_row).mean(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m_base["approx_kl"], m_spec["approx_kl"], rtol=1e-6, atol=1e-7)
+    assert m_base["approx_kl"] <= 10.0
