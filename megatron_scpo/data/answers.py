@@ -238,7 +238,8 @@ def is_correct(response: str, gold: str, require_boxed: bool = True) -> bool:
 
     Only the part after ``</think>`` is read. The final boxed answer (rule 1) is compared with each gold
     alternative (rule 4) by :func:`answers_equal`. ``gold`` may itself be a full solution with a ``\\boxed{}``.
-    Without a box the answer is wrong unless ``require_boxed`` is False, then math-verify extracts the
+    Without a box the answer is wrong unless ``require_boxed`` is False; then a bare number or word is
+    compared as above, a leading "Yes,"/"No." answers a yes/no gold, and otherwise math-verify extracts the
     answer from the whole answer part (its last ``$...$`` expression or number).
     """
     golds = gold_alternatives(gold)
@@ -251,6 +252,10 @@ def is_correct(response: str, gold: str, require_boxed: bool = True) -> bool:
     if require_boxed:
         return False
     free = part.replace("\\$", "")
+    lead = re.match(r"\s*(yes|no)(?:[,.;:!]|\s*$)", free, flags=re.I)  # "Yes, because ..." answers a yes/no gold
+    gold_words = {_words(normalize_answer(g)) for g in golds}
+    if lead and gold_words & {"yes", "no"}:
+        return lead.group(1).lower() in gold_words
     short = normalize_answer(free)
     if _number(short) is not None or _words(short) is not None or _percent(short)[1]:
         return any(bool(_fast_equal(short, normalize_answer(g))) for g in golds)  # a bare "42" or "Yes"
