@@ -7,6 +7,9 @@ Names are a contract with dashboards, the report and the resume test, so they li
 - ``reward/mean``, ``reward/std``, ... (method metrics pass through under their own names)
 - ``acc/mean``, ``length/mean``, ``length/max``, ``length/p50``, ``length/p90``, ``length/truncated_frac``
 - ``clip/frac_low``, ``clip/frac_high``, ``importance/*``, ``rollout_logprob_abs_diff``
+- ``rollout/aborted``, ``rollout/dropped_groups``, ``rollout/filtered_groups``, ``rollout/draws``,
+  ``rollout/groups``, ``rollout/overlong_filtered`` (trainer/rl.py's rollout filters)
+- ``train/skipped_updates``, ``train/empty_minibatches``, ``train/mini_batches``
 
 Only rank 0 writes. Non-finite values are stored as ``null`` in JSONL (strict JSON) and counted in
 ``nonfinite_metrics`` so a NaN never disappears silently.
