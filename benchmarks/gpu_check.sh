@@ -17,13 +17,20 @@ PY="${PYTHON:-python3}"
 WHEELS_LOG="$OUT_DIR/work/wheels.log"
 : > "$WHEELS_LOG"
 for d in "$REPO/shared/wheels" "$REPO/benchmarks/wheels"; do
+  if [[ -n "${SCPO_GPU_CHECK_NO_INSTALL:-}" ]]; then
+    echo "SCPO_GPU_CHECK_NO_INSTALL set: no wheel installed" >> "$WHEELS_LOG"; break
+  fi
   if compgen -G "$d/*.whl" > /dev/null; then
     echo "installing wheels from $d: $(cd "$d" && ls *.whl | tr '\n' ' ')" | tee -a "$WHEELS_LOG"
-    # resolve dependencies inside the dir first; if one is missing there, install what is there without deps
+    # all together, dependencies resolved inside the dir; if that fails (a dependency missing there, a wheel
+    # for another Python), each wheel alone without dependencies, so one bad wheel does not block the rest
     if ! "$PY" -m pip install -q --no-index --find-links "$d" "$d"/*.whl >> "$WHEELS_LOG" 2>&1; then
-      echo "pip with dependencies failed; retrying --no-deps" | tee -a "$WHEELS_LOG"
-      "$PY" -m pip install -q --no-index --no-deps "$d"/*.whl >> "$WHEELS_LOG" 2>&1 \
-        || echo "pip --no-deps failed too (see $WHEELS_LOG)" | tee -a "$WHEELS_LOG"
+      echo "pip with dependencies failed; installing one by one with --no-deps" | tee -a "$WHEELS_LOG"
+      for w in "$d"/*.whl; do
+        "$PY" -m pip install -q --no-index --no-deps "$w" >> "$WHEELS_LOG" 2>&1 \
+          && echo "  installed $(basename "$w")" | tee -a "$WHEELS_LOG" \
+          || echo "  FAILED $(basename "$w") (see $WHEELS_LOG)" | tee -a "$WHEELS_LOG"
+      done
     fi
   fi
 done

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gpu_check_cpu_mode_end_to_end(tmp_path: Path):
     out = tmp_path / "gpu_check"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script decides per section
+    env["SCPO_GPU_CHECK_NO_INSTALL"] = "1"  # never pip-install carried wheels into this machine's environment
     p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--quick"], env=env,
                        capture_output=True, text=True, timeout=900, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
