@@ -178,3 +178,28 @@ def test_sigterm_mid_warmstart_checkpoints_sft_position_and_resumes_exactly(tmp_
     rd = _records(d)
     assert [r["lr"] for r in rd if r["stage"] == "warmstart"] == [r["lr"] for r in ra if r["stage"] == "warmstart"]
     _assert_same_metrics(ra, rd)
+
+
+@pytest.mark.slow
+def test_sigkill_with_dynamic_sampling_resumes_exactly(tmp_path):
+    """Dynamic sampling draws a data-dependent number of prompts per step: the data position and the per-round
+    seeds must still make a SIGKILLed run continue exactly (same prompts drawn, same metrics)."""
+    cfg = tmp_path / "resume.yaml"
+    cfg.write_text(CONFIG)
+    over = ("rl.dynamic_sampling=true", "rl.dynamic_sampling_max_draws=2", "rl.truncated_grading=grade",
+            "algo.method=grpo", "algo.scpo.advantage=split")
+    subprocess.run(_cmd(str(cfg), str(tmp_path / "a"), *over), env=_env(), check=True, capture_output=True,
+                   timeout=300)
+    ra = _records(tmp_path / "a")
+    rl_a = [r for r in ra if r["stage"] == "rl/grpo"]
+    assert len(rl_a) == 6 and all(r["rollout/draws"] >= 1 for r in rl_a)
+    drawn = [len(r["data/prompt_ids"]) for r in rl_a]
+    assert drawn == [3 * r["rollout/draws"] for r in rl_a] and sum(drawn) > 18  # some step drew a second round
+    b = tmp_path / "b"
+    proc = _interrupt_mid_stage2(_cmd(str(cfg), str(b), *over), b, signal.SIGKILL, after_step=3, stage="rl/grpo")
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"B was not killed mid-run (rc {proc.returncode})"
+    resumed = subprocess.run(_cmd(str(cfg), str(b), *over), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[resume] step_" in resumed.stdout
+    _assert_same_metrics(ra, _records(b))
