@@ -57,15 +57,16 @@ def token_logprobs(
 
 
 def agg_units(mask: torch.Tensor, agg: str) -> torch.Tensor:
-    """How many units ``agg`` averages over in this (micro-)batch: tokens, non-empty sequences or rows.
+    """How many units ``agg`` averages over in this (micro-)batch: tokens or non-empty sequences.
+
+    Rows with no loss token (padding rows, samples masked out by overlong filtering) never count, exactly as
+    in ``scpo_kernels.aggregate``.
 
     Summing units over micro-batches and DP ranks gives the global normalizer, so that
     sum_mb loss_mb * units_mb / units_global equals the loss of the whole global batch.
     """
     if agg == "token-mean":
         return mask.sum().to(torch.float64)
-    if agg == "seq-mean-token-mean":
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):  # both normalize by non-empty rows (kernels)
         return (mask.sum(-1) > 0).sum().to(torch.float64)
-    if agg == "seq-mean-token-sum-norm":
-        return torch.tensor(float(mask.shape[0]), dtype=torch.float64)
     raise ValueError(f"loss aggregation {agg!r} is not supported; choose one of {list(AGG_MODES)}")

@@ -59,8 +59,9 @@ def _worker(rank: int, world: int, out: str) -> None:
     m = train_on(rt, packed, {**tensors, "advantages": adv, "ref_logprobs": ref}, "policy",
                  {"agg": "token-mean", "kl_coef": 0.5}, 1, 2, sample_mask=~truncated)
     res["kl_loss"], res["kl"] = m["loss"], m["kl/mean"]
-    for agg in ("seq-mean-token-mean",):  # per-sequence mean: only the finished sequence counts
-        m = train_on(rt, packed, {**tensors, "advantages": adv}, "policy", {"agg": agg}, 1, 2, sample_mask=~truncated)
+    for agg in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):  # only the finished sequence counts
+        kw = {"agg": agg, "norm_length": 20}
+        m = train_on(rt, packed, {**tensors, "advantages": adv}, "policy", kw, 1, 2, sample_mask=~truncated)
         res[agg] = m["loss"]
     if rank == 0:
         with open(out, "w") as f:
@@ -78,3 +79,4 @@ def test_overlong_filter_removes_truncated_tokens_from_loss_denominator_and_kl(t
     assert res["kl_loss"] == pytest.approx(-1.0 + 0.5 * _k3(0.3), abs=1e-5)  # k3 of the finished tokens only
     assert res["kl"] == pytest.approx(_k3(0.3), abs=1e-5)
     assert res["seq-mean-token-mean"] == pytest.approx(-1.0, abs=1e-5)
+    assert res["seq-mean-token-sum-norm"] == pytest.approx(-4 / (1 * 20), abs=1e-5)  # 1 non-empty row x norm 20
