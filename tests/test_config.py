@@ -53,3 +53,66 @@ def test_cli_help_lists_subcommands(capsys):
     out = capsys.readouterr().out
     for sub in ("train", "eval", "report", "convert", "launch"):
         assert sub in out
+
+
+def _cfg(tmp_path, text: str, overrides=()):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return load_config(p, list(overrides))
+
+
+def test_lengths_are_tied_to_max_new_tokens(tmp_path):
+    """Issue 11 item 8: Dr.GRPO's normalizer and DAPO's L_max are the generation limit, derived and checked."""
+    cfg = _cfg(tmp_path, "rollout: {max_new_tokens: 8000}\nalgo: {loss: {agg: seq-mean-token-sum-norm}}\n")
+    assert cfg.algo.loss.norm_length == 8000 and cfg.algo.overlong.max_length == 8000
+    assert build(ExperimentConfig, to_dict(cfg)) == cfg
+    for text, needle in (
+        ("rollout: {max_new_tokens: 8000}\nalgo: {loss: {norm_length: 1024}}\n", "norm_length (1024) must equal"),
+        ("rollout: {max_new_tokens: 8000}\nalgo: {method: grpo, overlong: {enabled: true, max_length: 4096}}\n",
+         "overlong.max_length (4096) must equal"),
+        ("rollout: {max_new_tokens: 400}\nalgo: {method: grpo, overlong: {enabled: true, cache_length: 400}}\n",
+         "cache_length (400) must be < rollout.max_new_tokens"),
+    ):
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            _cfg(tmp_path, text)
+
+
+def test_complete_response_under_the_limit_is_not_punished_as_overlong(tmp_path):
+    """A complete 5000-token response under an 8000-token limit used to get -1 (window 3584..4096 by default)."""
+    import torch
+
+    from megatron_scpo.algo.registry import GroupedRollouts, build_method
+
+    cfg = _cfg(tmp_path, "rollout: {max_new_tokens: 8000}\nalgo: {method: grpo, overlong: {enabled: true}}\n")
+    lengths = torch.tensor([5000, 7744, 8000])  # complete; half-way into the 512-token window; at the limit
+    step_ids = torch.zeros(3, 1, dtype=torch.long)
+    r = GroupedRollouts(torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool), lengths, step_ids,
+                        step_ids >= 0, torch.zeros(3, dtype=torch.bool), ["q"] * 3)
+    out = build_method(cfg.algo).compute(r)
+    # DAPO: 0 up to L_max - L_cache = 7488, then linear to -1 at L_max
+    torch.testing.assert_close(out.rewards, torch.tensor([1.0, 1.0 - 256 / 512, 0.0]))
+
+
+def test_algo_invariant_guards(tmp_path):
+    """Settings under which "every correct response >= every wrong one" could fail are refused; dual-clip defaults on."""
+    assert _cfg(tmp_path, "name: x\n").algo.clip.dual_clip == 3.0  # verl's clip_ratio_c
+    assert _cfg(tmp_path, "algo: {clip: {dual_clip: null}}\n").algo.clip.dual_clip is None
+    for text, needle in (
+        ("algo: {scpo: {len_bound: 1.0}}\n", "len_bound must be in"),
+        ("algo: {advantage: {eps: 0.9}}\n", "len_bound .* must be <"),
+        ("algo: {scpo: {advantage: s_gae}}\n", "needs reduce: mean"),
+        ("algo: {method: grpo, overlong: {enabled: true, penalty_factor: 1.5}}\n", "penalty_factor"),
+        ("algo: {method: global_length_penalty, length_penalty: {alpha: 0.5}, overlong: {enabled: true}}\n",
+         r"penalty_factor \(1.0\) must be <= 0.5"),
+        ("algo: {length_penalty: {style: kimi, kimi_weight: 3}}\n", "kimi_weight must be in"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            _cfg(tmp_path, text)
+
+
+def test_calibration_config_runs_the_papers_path():
+    """Issue 11 item 7: the 1.5B calibration config is the paper's sync path (population variances, combined)."""
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "r1_distill_1p5b_calibration.yaml")
+    assert (cfg.algo.calibration.variance, cfg.algo.calibration.normalize) == ("population", "combined")
