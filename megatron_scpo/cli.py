@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, function, one-line help); the module adds its own arguments via
@@ -35,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown command {argv[0]!r}; choose one of {list(SUBCOMMANDS)}")
     module_name, func_name, _ = SUBCOMMANDS[argv[0]]
     module = importlib.import_module(module_name)
-    return int(getattr(module, func_name)(argv[1:]) or 0)
+    try:
+        return int(getattr(module, func_name)(argv[1:]) or 0)
+    except (ValueError, OSError) as e:  # bad input (config field, data file line/field, path) in any subcommand
+        if os.environ.get("SCPO_DEBUG") == "1":
+            raise
+        msg = " ".join(str(e).split("\n"))
+        print(f"scpo {argv[0]}: error: {msg} (SCPO_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

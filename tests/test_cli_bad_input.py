@@ -1,0 +1,79 @@
+"""Every `scpo` subcommand reports bad input in one line (file, line, field), exit code 2, no traceback.
+
+Through the real entry point (`megatron_scpo.cli.main`, and one subprocess run of `python -m megatron_scpo.cli`);
+nothing here loads a model: every error is raised before an engine or Megatron would start.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_scpo.cli import main
+
+GOOD = '{"problem": "1 + 1", "answer": "2"}'
+
+
+def _one_line(capsys, argv: list[str]) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
+    return lines[0]
+
+
+def _eval_cfg(tmp_path: Path, rows: list[str], extra: str = "") -> Path:
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(r + "\n" for r in rows))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"name: bad\ndata: {{source: file, train_path: {data}, eval_path: {data}{extra}}}\n")
+    return cfg
+
+
+def test_eval_malformed_row_is_one_line_through_the_real_cli(tmp_path: Path):
+    cfg = _eval_cfg(tmp_path, [GOOD, '{"problem": "2 + 2", "answer": 4'])
+    proc = subprocess.run([sys.executable, "-m", "megatron_scpo.cli", "eval", str(cfg), "--hf", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert f"{tmp_path / 'eval.jsonl'}:2: malformed JSON" in proc.stderr
+
+
+@pytest.mark.parametrize(("row", "field"), [('{"problem": "2 + 2"}', "answer"), ('{"answer": "4"}', "problem"),
+                                            ('{"problem": "", "answer": "4"}', "'problem'")])
+def test_eval_bad_field_names_file_line_and_field(tmp_path: Path, capsys, row: str, field: str):
+    line = _one_line(capsys, ["eval", str(_eval_cfg(tmp_path, [GOOD, GOOD.replace("1 + 1", "3"), row])), "--hf",
+                              str(tmp_path)])
+    assert line.startswith("scpo eval: error:") and "eval.jsonl:3:" in line and field in line
+
+
+def test_eval_hf_dir_and_overlong_prompt(tmp_path: Path, capsys):
+    from megatron_scpo.data.tokenizer import build_tokenizer
+
+    cfg = _eval_cfg(tmp_path, [GOOD], extra=", template: synthetic, max_prompt_tokens: 4")
+    line = _one_line(capsys, ["eval", str(cfg), "--hf", str(tmp_path / "nomodel")])
+    assert "nomodel/config.json not found" in line
+    model = tmp_path / "model"
+    build_tokenizer(model)  # a tokenizer + a config.json: enough to encode prompts (no weights are loaded)
+    (model / "config.json").write_text("{}")
+    line = _one_line(capsys, ["eval", str(cfg), "--hf", str(model)])
+    assert "prompt '0' has" in line and "data.max_prompt_tokens=4" in line
+    assert not (Path("eval") / "model.json").exists()
+
+
+def test_other_subcommands(tmp_path: Path, capsys):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("name: x\nrl: {stepz: 1}\n")
+    assert "unknown key rl.stepz" in _one_line(capsys, ["eval", str(cfg), "--hf", str(tmp_path)])
+    assert "unknown key rl.stepz" in _one_line(capsys, ["train", str(cfg), "--run-dir", str(tmp_path / "r")])
+    assert "no eval/ directory" in _one_line(capsys, ["report", str(tmp_path / "nope")])
+    assert "no such file or directory" in _one_line(capsys, ["convert", "gguf-to-hf", str(tmp_path / "n"),
+                                                             str(tmp_path / "o")])
+    data = tmp_path / "g.jsonl"
+    data.write_text('{"question": "1+1", "answer": "x #### 2"}\n{"question": "2+2"}\n')
+    line = _one_line(capsys, ["data", "convert", "--format", "gsm8k", str(data), str(tmp_path / "o.jsonl")])
+    assert "g.jsonl:2:" in line and "answer" in line
