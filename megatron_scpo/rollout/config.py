@@ -23,6 +23,12 @@ class SGLangConfig:
     context_length: int | None = None
     dtype: str = "auto"
     extra_args: list[str] = field(default_factory=list)  # appended verbatim to the launch command line
+    # Servers live in their own environment (SGLang's image/venv, not the trainer's): the interpreter that runs
+    # ``-m sglang.launch_server`` (launch mode, launch/sglang_server.sh, the SLURM plan's servers and router).
+    # None: this process's interpreter in launch mode, ``python3`` in plans.
+    python: str | None = None
+    launcher: list[str] = field(default_factory=list)  # launch mode: command prefix, e.g. [apptainer, exec, img.sif]
+    env: dict[str, str] = field(default_factory=dict)  # launch mode: extra server environment (SGLANG_USE_CPU_ENGINE)
     log_dir: str | None = None  # server stdout/stderr files (default: a temp dir)
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 900.0
@@ -41,6 +47,8 @@ class SGLangConfig:
         check_min(self, 0, "weight_bucket_mb", "startup_timeout_s", "request_timeout_s", strict=True)
         check_min(self, 1, "num_servers", "tp_size", "max_batch_per_request")
         check_min(self, 0, "max_retries")
+        if self.python is not None and not self.python.strip():
+            raise ValueError("rollout.sglang.python must be a non-empty interpreter path (or null)")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
 

@@ -7,7 +7,14 @@ its own process group so it can be killed with its scheduler/detokenizer childre
 Request bodies carry only documented keys: SGLang 0.5.23 answers 400 to unknown sampling keys. Transient
 failures (connection refused/reset, timeouts, HTTP 5xx) are retried with exponential backoff; the final
 error names the URL and endpoint. Weight sync is pause -> update (bucketed) -> set version -> flush_cache ->
-continue, then every worker's ``weight_version`` is checked.
+continue, then every worker's ``weight_version`` is checked. Before generating or scoring, every worker's
+``weight_version`` is compared with the engine's: a server that restarted (``"default"``) is brought back to
+the current weights (disk sync: reload the live ``weights_v<N>`` dir) before it serves, or refused with a
+``WeightSyncError`` naming it (tensor/distributed sync: only the trainer holds the weights).
+
+Sources (SGLang, the CPU build in ../shared/sglang-cpu, commit 2f14d6c): ``sglang/srt/entrypoints/http_server.py``
+(endpoints), ``sglang/srt/managers/io_struct.py`` (request fields), ``sglang/srt/server_args.py`` (flags),
+``sglang/srt/utils/common.py:init_custom_process_group`` (the weight-update group).
 """
 
 from __future__ import annotations
@@ -87,10 +94,14 @@ def parse_weight_version(v: Any) -> int | None:
         return None
 
 
-def build_launch_command(cfg: SGLangConfig, index: int, model_path: str, python: str = sys.executable) -> list[str]:
-    """The ``sglang.launch_server`` command line for server ``index`` (port and GPUs offset by index)."""
+def build_launch_command(cfg: SGLangConfig, index: int, model_path: str, python: str | None = None) -> list[str]:
+    """The ``sglang.launch_server`` command line for server ``index`` (port and GPUs offset by index).
+
+    The interpreter is ``python``, else ``cfg.python`` (SGLang's own environment), else ``sys.executable``;
+    ``cfg.launcher`` is prepended (e.g. a container runtime). Flags: ``sglang/srt/server_args.py``.
+    """
     cmd = [
-        python, "-m", "sglang.launch_server",
+        *cfg.launcher, python or cfg.python or sys.executable, "-m", "sglang.launch_server",
         "--model-path", model_path,
         "--host", cfg.host,
         "--port", str(cfg.base_port + index),
@@ -125,6 +136,53 @@ def init_custom_process_group(
     )
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its live descendants (one snapshot of /proc/*/stat; Linux)."""
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            rest = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        kids.setdefault(int(rest[1]), []).append(int(stat.parent.name))
+    out, queue = [], [pid]
+    while queue:
+        p = queue.pop()
+        out.append(p)
+        queue += kids.get(p, [])
+    return out
+
+
+def kill_process_tree(pid: int, timeout_s: float = 15.0) -> None:
+    """SIGTERM ``pid``, its process group and every descendant found by PID, SIGKILL what is left after
+    ``timeout_s`` (SGLang's graceful exit can hang with open requests; its scheduler and detokenizer are
+    children of the launcher). Waits until all of them are gone."""
+    pids = process_tree(pid)
+
+    def alive(p: int) -> bool:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state != "Z"
+
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not any(alive(p) for p in pids):
+            return
 
 
 def _free_port() -> int:
@@ -217,14 +275,82 @@ class SGLangEngine:
 
     # ---------------------------------------------------------------- lifecycle
     def _launch(self) -> None:
-        log_dir = Path(self.cfg.log_dir or tempfile.mkdtemp(prefix="scpo_sglang_"))
-        log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_dir = Path(self.cfg.log_dir or tempfile.mkdtemp(prefix="scpo_sglang_"))
+        self._log_dir.mkdir(parents=True, exist_ok=True)
         for i in range(self.cfg.num_servers):
-            cmd = build_launch_command(self.cfg, i, str(self.cfg.model_path))
-            log = log_dir / f"sglang_{i}.log"
-            with open(log, "ab") as f:
-                self._procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
-            self._logs.append(log)
+            self._logs.append(self._log_dir / f"sglang_{i}.log")
+            self._procs.append(self._start_server(i))
+
+    def _start_server(self, i: int) -> subprocess.Popen:
+        cmd = build_launch_command(self.cfg, i, str(self.cfg.model_path))
+        env = {**os.environ, **self.cfg.env}
+        with open(self._logs[i], "ab") as f:
+            f.write(("+ " + " ".join(cmd) + "\n").encode())
+            f.flush()
+            return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+
+    @property
+    def server_pids(self) -> list[int]:
+        """PIDs of the servers launched here (launch mode; each is its process group's leader)."""
+        return [p.pid for p in self._procs]
+
+    def restart(self, index: int) -> None:
+        """Stop (if still running) and start launched server ``index`` on the same port, wait for it, and give it
+        the current weights before it serves (see ``ensure_current_weights``)."""
+        if not 0 <= index < len(self._procs):
+            raise ValueError(f"restart: no launched server {index} (launch mode has {len(self._procs)})")
+        kill_process_tree(self._procs[index].pid)
+        self._procs[index].wait()
+        self._procs[index] = self._start_server(index)
+        self.wait_until_healthy(self.cfg.startup_timeout_s)
+        self.ensure_current_weights()
+
+    def ensure_current_weights(self) -> None:
+        """Every worker must run the engine's weight version before it serves.
+
+        A worker on another version (a restarted server reports ``"default"``) is reloaded from the live disk-sync
+        dir when there is one (``update_weights_from_disk``, then flush_cache), else refused with a
+        ``WeightSyncError`` naming it. A restarted server also left the distributed weight-update group: the group
+        is torn down so that the next sync builds it again with every worker.
+        """
+        stale = []
+        for url in self.worker_urls:
+            info = self._call(url, "/model_info", method="GET")
+            got = info.get("weight_version") if isinstance(info, dict) else None
+            if parse_weight_version(got) != self.weight_version:
+                stale.append((url, got))
+        if not stale:
+            return
+        if self._pg is not None:
+            self._reset_weight_group()
+        live = self._live_disk_dir()
+        if self.weight_version == 0 and live is None and self.cfg.model_path:
+            live = Path(self.cfg.model_path)  # version 0 is the checkpoint the servers start from
+        for url, got in stale:
+            if live is None:
+                raise WeightSyncError(
+                    f"{url}: server runs weight version {got!r}, the engine is on {self.weight_version} (restarted "
+                    f"or changed by another client) and there is no disk copy to restore from "
+                    f"(weight_sync={self.cfg.weight_sync}): call update_weights before generating"
+                )
+            payload = {"model_path": str(live), "weight_version": str(self.weight_version), "abort_all_requests": False}
+            self._check_success(self._call(url, "/update_weights_from_disk", payload, retries=0), "update_weights_from_disk")
+            self._call(url, "/flush_cache", None, retry_statuses=RETRY_STATUSES | {400})
+        self._check_version(self.weight_version)
+
+    def _reset_weight_group(self) -> None:
+        for url in self.worker_urls:
+            try:
+                self._call(url, "/destroy_weights_update_group", {"group_name": "weight_update_group"}, retries=0,
+                           timeout=30)
+            except RolloutServerError:
+                pass  # a restarted server has no group
+        try:
+            torch.distributed.destroy_process_group(self._pg)
+        except (RuntimeError, ValueError):
+            pass
+        self._pg = None
 
     def wait_until_healthy(self, timeout_s: float) -> None:
         """Poll GET /health (503 while starting) on every server; a launched server that exits is an error."""
@@ -264,21 +390,10 @@ class SGLangEngine:
     def shutdown(self) -> None:
         """Stop the servers we launched (whole process group: SGLang's graceful exit can hang)."""
         if self._pg is not None:
-            try:
-                self._all_workers("/destroy_weights_update_group", {"group_name": "weight_update_group"}, retries=0)
-            except RolloutServerError:
-                pass
-            torch.distributed.destroy_process_group(self._pg)
-            self._pg = None
+            self._reset_weight_group()
         for p in self._procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self._procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            kill_process_tree(p.pid)
+            p.wait()
         self._procs.clear()
 
     # ---------------------------------------------------------------- generation
@@ -303,6 +418,7 @@ class SGLangEngine:
         validate_prompts(prompts, params.max_new_tokens, self.max_context_len, self.vocab_size)
         if self._paused:
             raise RuntimeError("SGLangEngine: generate called while paused; call resume() first")
+        self.ensure_current_weights()
         rows = [list(p) for p in prompts for _ in range(n)]
         base = self._sampling_dict(params)
         per_row: list[dict] | None = None
@@ -357,6 +473,7 @@ class SGLangEngine:
         check therefore uses T = 1 by default.
         """
         validate_score_inputs(sequences, prompt_lens, temperature, self.max_context_len, self.vocab_size)
+        self.ensure_current_weights()
         body = {
             "input_ids": [list(s) for s in sequences],
             "sampling_params": {"max_new_tokens": 0, "temperature": float(temperature)},
@@ -407,6 +524,7 @@ class SGLangEngine:
         self.resume()
         self._check_version(version)
         self.weight_version = version
+        self._prune_disk_dirs()  # after a tensor/distributed sync no disk copy is current
 
     def _check_version(self, version: int) -> None:
         for url in self.worker_urls:
@@ -490,11 +608,23 @@ class SGLangEngine:
             weight_map.update(dict.fromkeys(shard, fname))
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
         payload = {"model_path": str(out), "weight_version": str(version), "abort_all_requests": False}
+        if out not in self._disk_dirs:
+            self._disk_dirs.append(out)
         for res in self._all_workers("/update_weights_from_disk", payload, retries=0):
             self._check_success(res, "update_weights_from_disk")
-        for old in self._disk_dirs:  # keep only the live version on disk
-            shutil.rmtree(old, ignore_errors=True)
-        self._disk_dirs = [out]
+
+    def _live_disk_dir(self) -> Path | None:
+        """The disk-sync dir of the engine's current version, if it was written by a successful sync."""
+        name = f"weights_v{self.weight_version}"
+        return next((d for d in self._disk_dirs if d.name == name and d.is_dir()), None)
+
+    def _prune_disk_dirs(self) -> None:
+        """Keep only the live version on disk (after its sync passed the version check)."""
+        live = self._live_disk_dir()
+        for d in self._disk_dirs:
+            if d != live:
+                shutil.rmtree(d, ignore_errors=True)
+        self._disk_dirs = [live] if live is not None else []
 
     @staticmethod
     def _check_success(res: Any, what: str) -> None:
@@ -502,4 +632,7 @@ class SGLangEngine:
             raise WeightSyncError(f"{what}: server reported failure: {str(res)[:500]}")
 
 
-__all__ = ["SGLangEngine", "build_launch_command", "bucket_named_tensors", "serialize_named_tensors"]
+__all__ = [
+    "SGLangEngine", "build_launch_command", "bucket_named_tensors", "kill_process_tree", "process_tree",
+    "serialize_named_tensors",
+]

@@ -1,12 +1,25 @@
 """An SGLang API stand-in: a local HTTP server implementing SGLang 0.5.x's native RL contract strictly.
 
-CI cannot run a real SGLang server (its CPU kernels are on no package registry), so SGLangEngine is tested
-against this: same endpoints, field names and response layout (``meta_info.output_token_logprobs`` as
+Real SGLang servers now run in CI (tests/rollout/test_rollout_sglang_real.py, tests/trainer/test_trainer_sglang.py:
+generation, log-probs, finish reasons, abort, disk and distributed weight sync, version check, killed and
+restarted servers, launch mode, two servers behind sglang-router). The stand-in stays only for what a real
+server cannot be made to do on CPU or on demand:
+
+- ``update_weights_from_tensor`` (``weight_sync: tensor``): over HTTP it kills the CPU server
+  (../shared/sglang-cpu/README.md, "Known limitations");
+- fault injection: answering 5xx/4xx to chosen requests (``fail_next``), slow responses (``delay_s``),
+  503 before ready (``ready_after_s``), a bucket the server rejects;
+- seeing what the engine sent: the request log (``requests``: nothing sent for bad input, request batching,
+  per-row ``sampling_seed`` values, the pause -> update -> flush -> continue order), and seeded sampling
+  (``sampling_seed`` is not reproducible on SGLang's CPU build);
+- the trainer's RL steps with ``weight_sync: tensor`` (the real-server variant syncs by disk and distributed).
+
+Same endpoints, field names and response layout as SGLang (``meta_info.output_token_logprobs`` as
 ``[logprob, token_id, text]`` triples, ``finish_reason`` dicts, ``weight_version`` strings), 400 on unknown
-request keys (as 0.5.23's contract gate does), 503 on /health before ready. Generation is real: a tiny
-transformers model sampled by LocalEngine. Listens on 127.0.0.1 only. Fault injection: ``fail_next``
-(statuses to answer instead of handling the next requests), ``delay_s`` (slow /generate), ``stop()``/
-``start()`` (server restart on the same port), ``lie_version`` (report a wrong weight_version).
+request keys (as 0.5.23's contract gate does; the CPU build answers 500), 503 on /health before ready.
+Generation is real: a tiny transformers model sampled by LocalEngine. Listens on 127.0.0.1 only. Knobs:
+``fail_next`` (statuses to answer instead of handling the next requests; /health and /model_info are never
+failed), ``delay_s`` (slow /generate), ``stop()``/``start()`` (restart on the same port), ``lie_version``.
 """
 
 from __future__ import annotations
@@ -126,7 +139,7 @@ class SGLangStandin:
             raw = h.rfile.read(n) if n else b""
             body = json.loads(raw) if raw else None
             self.requests.append((path, body))
-            if path not in ("/health", "/health_generate") and self.fail_next:
+            if path not in ("/health", "/health_generate", "/model_info") and self.fail_next:
                 raise HTTPError(self.fail_next.pop(0), "injected failure")
             status, out = 200, self._route(method, path, body)
         except HTTPError as e:
@@ -308,29 +321,3 @@ class SGLangStandin:
     def _continue_generation(self, body: dict) -> dict:
         self._running.set()
         return {"status": "ok", "message": "Generation continued"}
-
-
-
-def launch_main(argv: list[str]) -> None:
-    """``python -m sglang.launch_server`` look-alike: tests put a fake ``sglang`` package on PYTHONPATH whose
-    launch_server runs this, so SGLangEngine's launch/supervise/kill path runs on a real subprocess. The
-    flags SGLangEngine emits must parse (unknown flags exit with code 2, as argparse does in SGLang)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="sglang.launch_server")
-    ap.add_argument("--model-path", required=True)
-    ap.add_argument("--host", required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--tp-size", type=int, default=1)
-    ap.add_argument("--base-gpu-id", type=int, default=0)
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--mem-fraction-static", type=float)
-    ap.add_argument("--context-length", type=int)
-    args = ap.parse_args(argv)
-    if args.host != "127.0.0.1":
-        raise SystemExit("the stand-in listens on 127.0.0.1 only")
-    torch.set_num_threads(1)
-    engine = LocalEngine.from_pretrained(args.model_path)
-    s = SGLangStandin(engine, port=args.port, ready_after_s=0.5, model_path=args.model_path).start()
-    s.tp_size = args.tp_size
-    threading.Event().wait()
