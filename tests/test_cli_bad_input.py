@@ -77,3 +77,40 @@ def test_other_subcommands(tmp_path: Path, capsys):
     data.write_text('{"question": "1+1", "answer": "x #### 2"}\n{"question": "2+2"}\n')
     line = _one_line(capsys, ["data", "convert", "--format", "gsm8k", str(data), str(tmp_path / "o.jsonl")])
     assert "g.jsonl:2:" in line and "answer" in line
+
+
+def test_eval_hf_uses_the_configured_engine_and_the_one_encoding(tmp_path: Path, monkeypatch, capsys):
+    """`scpo eval --hf` builds its engine with runtime.make_engine (honouring rollout.engine, as training does) and
+    sends it the ids of templates.encode_prompt: with the task tokenizer, one BOS then the synthetic prompt."""
+    from megatron_scpo.data import templates
+    from megatron_scpo.data.tokenizer import build_tokenizer
+    from megatron_scpo.rollout.base import Sample
+    from megatron_scpo.trainer import runtime
+
+    model = tmp_path / "model"
+    tok = build_tokenizer(model)
+    (model / "config.json").write_text("{}")
+    cfg = _eval_cfg(tmp_path, [GOOD, '{"problem": "2 + 3", "answer": "5"}'], extra=", template: synthetic")
+    cfg.write_text(cfg.read_text() + "rollout: {engine: sglang, sglang_urls: ['http://127.0.0.1:9']}\n"
+                   "eval: {n_samples: 1, pass_k: [1]}\n")
+    seen: dict = {}
+
+    class Engine:
+        def generate(self, prompts, n, params):
+            seen["prompts"] = prompts
+            return [[Sample(p, [tok.eos_token_id], "\\boxed{2}", [0.0], "stop")] for p in prompts]
+
+        def shutdown(self):
+            seen["shutdown"] = True
+
+    def make_engine(c, hf_dir, tokenizer):
+        seen["engine"], seen["dir"] = c.rollout.engine, Path(hf_dir)
+        return Engine()
+
+    monkeypatch.setattr(runtime, "make_engine", make_engine)
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(cfg), "--hf", str(model), "--label", "x"]) == 0, capsys.readouterr().err
+    assert seen["engine"] == "sglang" and seen["dir"] == model and seen["shutdown"]
+    want = [templates.encode_prompt(p, "synthetic", tok) for p in ("1 + 1", "2 + 3")]
+    assert seen["prompts"] == want and all(p[0] == tok.bos_token_id != p[1] for p in want)
+    assert (tmp_path / "eval" / "x.json").is_file()
