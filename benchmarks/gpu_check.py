@@ -134,7 +134,9 @@ def _check_logprobs(dev: str, cases: list[tuple[int, int, str]], impls: list[str
             (lp * g_lp.to(dev) + ent * g_ent.to(dev)).sum().backward()
             e = {"logp": _max_err(lp, lr, False), "entropy": _max_err(ent, er, False),
                  "grad": _max_err(x.grad, xr.grad, dtype == torch.bfloat16)}
-            bound = {"logp": 1e-5, "entropy": 1e-5 if dt == "fp32" else 2e-4, "grad": 1e-5 if dt == "fp32" else 2e-2}
+            # the kernel tests' bounds (vs float64), 2-5x looser for CUDA's approximate exp and V up to 151,936;
+            # a real bug is >= 1e-3
+            bound = {"logp": 2e-5, "entropy": 5e-5 if dt == "fp32" else 2e-4, "grad": 2e-5 if dt == "fp32" else 2e-2}
             out.append({"op": "fused_logprobs", "case": f"N={n} V={v} {dt}", "impl": impl, "max_err": e,
                         "bound": bound, "ok": all(e[k] <= bound[k] for k in e)})
     return out
@@ -446,8 +448,8 @@ def sec_rl_step(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
             m = rl_step(rt, method, records, step=step, seed=11 + step)
-        except RuntimeError as e:
-            if device_error is not None or "device" not in str(e):
+        except Exception as e:  # noqa: BLE001 (re-raised unless it is the device mismatch)
+            if device_error is not None or not torch.cuda.is_available() or "device" not in str(e).lower():
                 raise
             # The trainer hands CPU batches to the policy; if the CUDA model refuses them, say so and measure
             # the step with the batches moved (so a GPU run still yields numbers and the exact fix).

@@ -101,8 +101,32 @@ def export_hf(out: Path, source_dir: Path, tensors: Iterable[tuple[str, torch.Te
             pass
         return []
     out.mkdir(parents=True)
-    names = write_safetensors(tensors, out) if tensors is not None else []
-    return names + copy_side_files(source_dir, out)
+    seen: set[torch.dtype] = set()
+
+    def noting_dtype(stream: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        for name, t in stream:
+            seen.add(t.dtype)
+            yield name, t
+
+    names = write_safetensors(noting_dtype(tensors), out) if tensors is not None else []
+    copied = copy_side_files(source_dir, out)
+    if len(seen) == 1:
+        _set_config_dtype(out / "config.json", seen.pop())
+    return names + copied
+
+
+def _set_config_dtype(config_json: Path, dtype: torch.dtype) -> None:
+    """config.json names the weights' dtype (``dtype``, transformers 5; ``torch_dtype``, 4.x), so ``dtype="auto"``
+    loads a bf16 run's export as bf16 (the source config may say float32)."""
+    if not config_json.is_file():
+        return
+    cfg = json.loads(config_json.read_text())
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["torch_dtype"]
+    if all(cfg.get(k) == name for k in keys):
+        return
+    cfg.update({k: name for k in keys})
+    config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def hf_saver(policy: Any, source_dir: Path, rank: int, weights: bool) -> Callable[[Path], None]:
