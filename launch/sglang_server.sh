@@ -3,15 +3,16 @@
 #
 #   launch/sglang_server.sh --model-path DIR [--host H] [--port P] [--tp N] [--mem-fraction F]
 #                           [--base-gpu-id I] [--nccl-port P] [--dtype auto|bfloat16] [--context-length N]
-#                           [-- extra sglang args]
+#                           [--python PY] [-- extra sglang args]
 #
 # Why a wrapper: the planner (megatron_scpo/launch_plan.py) decides host/port/tp/GPU slice per server and
 # calls this script; the exact SGLang flags live here once. Unknown options after `--` (or any unknown
 # `--flag`) are passed through to SGLang unchanged. SCPO_SGLANG_PRINT_ONLY=1 prints the command instead of
-# running it (used by tests and for checking a plan by hand).
+# running it (used by tests and for checking a plan by hand). The interpreter is --python (the plan passes
+# rollout.sglang.python: SGLang's own environment, e.g. /opt/sglang/bin/python), else $SCPO_PYTHON, else python3.
 set -euo pipefail
 
-model="" host="127.0.0.1" port=30000 tp=1 mem=0.85 base_gpu=0 nccl_port="" dtype="auto"
+model="" host="127.0.0.1" port=30000 tp=1 mem=0.85 base_gpu=0 nccl_port="" dtype="auto" python="${SCPO_PYTHON:-python3}"
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -23,6 +24,7 @@ while [ $# -gt 0 ]; do
         --base-gpu-id) base_gpu="$2"; shift 2 ;;
         --nccl-port) nccl_port="$2"; shift 2 ;;
         --dtype) dtype="$2"; shift 2 ;;
+        --python) python="$2"; shift 2 ;;
         --context-length) extra+=(--context-length "$2"); shift 2 ;;
         --) shift; extra+=("$@"); break ;;
         *) extra+=("$1"); shift ;;
@@ -33,7 +35,7 @@ if [ -z "$model" ]; then
     exit 2
 fi
 
-cmd=("${SCPO_PYTHON:-python3}" -m sglang.launch_server
+cmd=("$python" -m sglang.launch_server
     --model-path "$model" --host "$host" --port "$port"
     --tp-size "$tp" --base-gpu-id "$base_gpu" --mem-fraction-static "$mem" --dtype "$dtype"
     --trust-remote-code)

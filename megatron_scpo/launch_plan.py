@@ -246,7 +246,8 @@ def _rollout_engine(cfg: ExperimentConfig, config_path: str, launch_servers: boo
 def _add_sglang(cfg: ExperimentConfig, server_nodes: list[NodePlan], gpus_per_node: int, colocate: bool,
                 python: str, launch_dir: str, notes: list[str]) -> tuple[list[str], str]:  # fmt: skip
     """Append SGLang servers (one per tp_size GPUs) to every server node and the router to the first;
-    returns (server URLs, router URL)."""
+    returns (server URLs, router URL). Servers and router run ``rollout.sglang.python`` (SGLang's environment)
+    when set, else the nodes' ``python``, with ``rollout.sglang.env`` added to their environment."""
     sg = cfg.rollout.sglang
     mem = sg.mem_fraction_static if sg.mem_fraction_static is not None else (0.4 if colocate else 0.85)
     urls: list[str] = []
@@ -263,11 +264,13 @@ def _add_sglang(cfg: ExperimentConfig, server_nodes: list[NodePlan], gpus_per_no
             extra = list(sg.extra_args)
             if colocate and "--enable-memory-saver" not in extra:
                 extra.append("--enable-memory-saver")  # lets the trainer release/resume KV cache memory
+            if sg.python:  # the servers' own environment (rollout.sglang.python), not the trainer's interpreter
+                argv += ["--python", sg.python]
             if extra:
                 argv += ["--", *extra]
             url = f"http://{n.address}:{port}"
             urls.append(url)
-            n.processes.append(Process(f"sglang-{s}", "service", argv, health_url=f"{url}/health"))
+            n.processes.append(Process(f"sglang-{s}", "service", argv, env=dict(sg.env), health_url=f"{url}/health"))
     if sg.num_servers != len(urls):
         notes.append(f"{len(urls)} SGLang servers (one per {sg.tp_size} GPU(s) of each server node); "
                      f"rollout.sglang.num_servers={sg.num_servers} only applies when the engine launches its own")
@@ -275,9 +278,9 @@ def _add_sglang(cfg: ExperimentConfig, server_nodes: list[NodePlan], gpus_per_no
     router = f"http://{head.address}:{sg.base_port}"
     head.processes.append(Process(
         "router", "service",
-        [python, "-m", "sglang_router.launch_router", "--host", head.address, "--port", str(sg.base_port),
-         "--worker-urls", *urls],
-        health_url=f"{router}/health",
+        [sg.python or python, "-m", "sglang_router.launch_router", "--host", head.address, "--port",
+         str(sg.base_port), "--worker-urls", *urls],
+        env=dict(sg.env), health_url=f"{router}/health",
     ))  # fmt: skip
     return urls, router
 

@@ -7,6 +7,7 @@ against real servers in test_rollout_sglang_real.py. Plus the launch command lin
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -191,3 +192,40 @@ def test_launch_command_and_serializer():
         SGLangEngine(SGLangConfig(tp_size=0), ["http://127.0.0.1:1"])
     with pytest.raises(ValueError, match="model_path"):
         SGLangEngine(SGLangConfig(), [])
+
+
+def test_plan_and_server_script_run_the_configured_interpreter(tmp_path):
+    """rollout.sglang.python / env reach the SLURM plan's servers (via launch/sglang_server.sh --python) and router."""
+    import shlex
+    import subprocess
+
+    import yaml
+
+    from megatron_scpo.launch_plan import make_plan
+
+    py = "/opt/sglang/bin/python"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "p", "model": {"hf_path": "/models/m", "dtype": "bfloat16"}, "parallel": {"tp": 1, "pp": 1},
+        "rollout": {"engine": "sglang", "sglang": {"python": py, "env": {"SGLANG_USE_CPU_ENGINE": "1"}}},
+    }))  # fmt: skip
+    plan = make_plan(str(cfg), nodes=2, gpus_per_node=2, rollout_nodes=1, python="python3")
+    procs = [p for n in plan.node_plans for p in n.processes]
+    servers = [p for p in procs if p.name.startswith("sglang-")]
+    (router,) = [p for p in procs if p.name == "router"]
+    assert len(servers) == 2 and router.argv[:3] == [py, "-m", "sglang_router.launch_router"]
+    for p in [*servers, router]:
+        assert p.env == {"SGLANG_USE_CPU_ENGINE": "1"}
+    repo = Path(__file__).resolve().parents[2]
+    for p in servers:
+        assert p.argv[p.argv.index("--python") + 1] == py
+        res = subprocess.run(["bash", str(repo / "launch" / "sglang_server.sh"), *p.argv[2:]], capture_output=True,
+                             text=True, env={**os.environ, "SCPO_SGLANG_PRINT_ONLY": "1", "SCPO_PYTHON": "other"})
+        assert res.returncode == 0, res.stderr
+        assert shlex.split(res.stderr.strip().removeprefix("+ "))[:3] == [py, "-m", "sglang.launch_server"]
+    # without the key: the nodes' interpreter, as before
+    cfg.write_text(yaml.safe_dump({"name": "p", "model": {"hf_path": "/models/m"}, "rollout": {"engine": "sglang"}}))
+    plan = make_plan(str(cfg), nodes=2, gpus_per_node=2, rollout_nodes=1, python="python3")
+    procs = [p for n in plan.node_plans for p in n.processes]
+    assert all("--python" not in p.argv for p in procs if p.name.startswith("sglang-"))
+    assert [p.argv[0] for p in procs if p.name == "router"] == ["python3"]

@@ -307,11 +307,13 @@ def test_two_servers_behind_sglang_router(real):
         eng.update_weights(list(new.state_dict().items()), 1)
         for u in eng.worker_urls:
             assert requests.get(u + "/model_info", timeout=30).json()["weight_version"] == "1"
+        before = _prefill_batches(real)
         out = eng.generate(PROMPTS, 2, GREEDY)  # 8 rows in 4 requests through the router
         assert [[s.token_ids for s in g] for g in out] == [[r, r] for r in _greedy_ref(new, PROMPTS)]
         assert all(s.weight_version == 1 for g in out for s in g)
-        served = _router_worker_counts(real.root / "router.log", real.eng.worker_urls)
-        log(f"sglang-router: /generate requests per worker (from its log): {served}")
+        served = [a - b for a, b in zip(_prefill_batches(real), before)]
+        log(f"sglang-router: prefill batches per worker for 4 requests (server logs): {served}")
+        assert all(n > 0 for n in served), served  # round robin: both workers served
     finally:
         os.killpg(router.pid, signal.SIGTERM)
         try:
@@ -325,9 +327,10 @@ def test_two_servers_behind_sglang_router(real):
     assert [g[0].token_ids for g in real.eng.generate(PROMPTS, 1, GREEDY)] == _greedy_ref(real.model(), PROMPTS)
 
 
-def _router_worker_counts(log_path: Path, urls: list[str]) -> dict[str, int]:
-    text = log_path.read_text(errors="replace")
-    return {u: text.count(u) for u in urls}
+def _prefill_batches(real: Real) -> list[int]:
+    """Per launched server: "Prefill batch" lines in its log so far (SGLang logs one per prefill)."""
+    return [(real.root / "logs" / f"sglang_{i}.log").read_text(errors="replace").count("Prefill batch")
+            for i in range(len(real.eng.worker_urls))]
 
 
 def test_launched_server_that_exits_is_reported(real, tmp_path):
