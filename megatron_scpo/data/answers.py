@@ -44,7 +44,7 @@ _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:(?:,|\{,\}|\\,|\\ |\s)\d{3})+(?:\.\d+)?
 _GROUP_SEP = re.compile(r",|\{,\}|\\,|\\ |\s")
 # Between chained boxes: spacing, punctuation, "and"/"or", math delimiters, \text{ and }.
 _BOX_JOIN = re.compile(
-    r"(?:\s|[,;$]|\\[,;:!]|\\quad|\\qquad|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|&|\\\\"
+    r"(?:\s|[,;$]|\\[,;:!]|\\quad|\\qquad|\\text\{\s*(?:(?:and|or|,)\s*)?\}|\band\b|\bor\b|&|\\\\"
     r"|\b[A-Za-z](?:_\{?\w+\}?)?\s*=)*"  # "x = \boxed{3}, y = \boxed{4}": the next box's variable name
 )
 _WORD = re.compile(r"[A-Za-z][A-Za-z\s'.-]*")

@@ -185,3 +185,14 @@ def test_normalize_and_final_answer():
     assert extract_final_answer("\\boxed{1} or \\boxed{2}") == "1, 2"
     assert extract_final_answer("\\boxed{1}. Check: wrong, so \\boxed{2}") == "2"
     assert extract_final_answer("\\boxed{\\boxed{3}}") == "\\boxed{3}"
+
+
+def test_final_answer_scan_is_linear():
+    """Long separator runs between boxes (and many boxes) must not backtrack exponentially."""
+    import time
+
+    t = time.perf_counter()
+    for mid in ["\\text{ } " * 5000 + "z", " and" * 10000 + " q", "x_{1} = " * 5000 + "z", " " * 50000 + "x"]:
+        assert extract_final_answer("\\boxed{1}" + mid + "\\boxed{2}") == "2"
+    assert extract_final_answer("\\boxed{1} " * 500) == ", ".join(["1"] * 500)
+    assert time.perf_counter() - t < 5.0
