@@ -58,19 +58,19 @@ def answer_part(response: str) -> str:
 
 
 def _boxes(text: str) -> list[tuple[int, int, str]]:
-    """Every closed ``\\boxed{...}``: (start of the command, end after its brace, content)."""
+    """Every closed ``\\boxed{...}``: (start of the command, end after its brace, content). One pass (O(n))."""
+    close_of: dict[int, int] = {}
+    stack: list[int] = []
+    for i, c in enumerate(text):
+        if c == "{" and (i == 0 or text[i - 1] != "\\"):
+            stack.append(i)
+        elif c == "}" and (i == 0 or text[i - 1] != "\\") and stack:
+            close_of[stack.pop()] = i
     out = []
     for m in _BOXED.finditer(text):
-        depth, start = 1, m.end()
-        for i in range(start, len(text)):
-            c = text[i]
-            if c == "{" and text[i - 1] != "\\":
-                depth += 1
-            elif c == "}" and text[i - 1] != "\\":
-                depth -= 1
-                if depth == 0:
-                    out.append((m.start(), i + 1, text[start:i].strip()))
-                    break
+        j = close_of.get(m.end() - 1)
+        if j is not None:
+            out.append((m.start(), j + 1, text[m.end():j].strip()))
     return out
 
 
@@ -83,8 +83,10 @@ def extract_boxed(text: str) -> str | None:
 
 def extract_final_answer(text: str) -> str | None:
     """The final boxed answer: the last box plus boxes chained right before it (``\\boxed{1}, \\boxed{2}``)."""
-    every = _boxes(text)
-    boxes = [b for b in every if not any(o[0] < b[0] and b[1] <= o[1] for o in every)]  # outermost only
+    boxes: list[tuple[int, int, str]] = []
+    for b in _boxes(text):  # in start order; boxes nest or are disjoint: keep the outermost only
+        if not boxes or b[0] >= boxes[-1][1]:
+            boxes.append(b)
     if not boxes:
         return None
     chain = [boxes[-1]]

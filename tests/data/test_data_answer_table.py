@@ -196,3 +196,13 @@ def test_final_answer_scan_is_linear():
         assert extract_final_answer("\\boxed{1}" + mid + "\\boxed{2}") == "2"
     assert extract_final_answer("\\boxed{1} " * 500) == ", ".join(["1"] * 500)
     assert time.perf_counter() - t < 5.0
+
+
+def test_unclosed_and_many_boxes_are_linear():
+    import time
+
+    t = time.perf_counter()
+    assert extract_final_answer("\\boxed{" * 20000 + "5") is None
+    assert extract_final_answer("\\boxed{7} " * 20000 + " so \\boxed{8}") == "8"
+    assert extract_final_answer("\\boxed{\\boxed{3}} and then \\boxed{4}") == "4"
+    assert time.perf_counter() - t < 5.0
