@@ -150,3 +150,11 @@ def test_champ_from_package(tmp_path, capsys):
     assert is_correct("\\boxed{\\text{No}}", recs["P_Combinatorics_17"].answer)
     for r in recs.values():  # every gold alternative, boxed, is judged correct against its own record
         assert all(is_correct(f"\\boxed{{{a}}}", r.answer) for a in r.answer.split(ALT_SEP)), r.id
+
+
+def test_data_format_key_is_checked():
+    from megatron_scpo import configlib
+
+    assert configlib.build(DataConfig, {"format": "aime"}).format == "aime"
+    with pytest.raises(configlib.ConfigError, match="format: 'nope' is not allowed"):
+        configlib.build(DataConfig, {"format": "nope"})
