@@ -71,11 +71,19 @@ def _cuda() -> bool:
 
 
 def _version(mod: str) -> str | None:
+    """The installed version of module ``mod`` (distribution metadata first), or why it does not import."""
+    import importlib.metadata
+
     try:
-        m = __import__(mod)
+        __import__(mod)
     except Exception as e:  # noqa: BLE001 (any import failure is the answer)
         return f"not importable: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    return str(getattr(m, "__version__", "unknown"))
+    dist = {"megatron.core": "megatron-core", "transformer_engine": "transformer-engine",
+            "math_verify": "math-verify"}.get(mod, mod)
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(sys.modules[mod], "__version__", "unknown"))
 
 
 def hbm_tbps(name: str, override: float | None) -> float | None:
@@ -430,6 +438,8 @@ def sec_rl_step(args: argparse.Namespace) -> dict[str, Any]:
     from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
 
     quiet_warnings()
+    # A random tiny model answers everything wrong: all-wrong groups get zero advantages, so loss and gradient are
+    # 0, but the step does all its work (rollout, log-prob and importance passes, forward + backward, Adam, sync).
     cfg = load_config(None, [*TINY_RL, "name=gpu_check", "algo.method=scpo"])
     packed = []  # packing options (issue 12 item 1) when this checkout has them
     for sec_name in ("rl", "parallel"):
@@ -538,6 +548,10 @@ def run_section_subprocess(name: str, args: argparse.Namespace, timeout: float) 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    if isinstance(v, list) and v and isinstance(v[0], dict):
+        return "".join(f"<br>{_fmt(x)}" for x in v)
     return str(v)
 
 
@@ -559,6 +573,7 @@ def markdown(report: dict[str, Any]) -> str:
         for r in k.get("checks", []):
             lines.append(f"| {r['op']} | {r['case']} | {r['impl']} | {_fmt(r['max_err'])} | {_fmt(r['bound'])} | "
                          f"{r['ok']} |")
+        lines += ["", f"Triton launches: {k.get('triton_launches')}"]
         bw = k.get("bandwidth")
         if isinstance(bw, list):
             lines += ["", "| log-prob kernel | ms | GB/s | fraction of HBM peak |", "|---|---|---|---|"]
