@@ -329,10 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.paths) not in ((1, 2) if args.format == "champ" else (2,)):
         parser.error("give IN OUT" + (" (or just OUT for champ)" if args.format == "champ" else ""))
     src, dst = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
-    try:
-        n = convert_file(args.format, src, dst)
-    except (FormatError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    n = convert_file(args.format, src, dst)  # FormatError/OSError: `scpo` prints one "scpo data: error:" line
     print(f"wrote {n} records to {dst}")
     return 0

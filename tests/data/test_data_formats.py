@@ -108,7 +108,7 @@ def test_bad_rows_name_file_line_field(tmp_path, capsys, fmt, row, message):
     assert not (tmp_path / "out.jsonl").exists()
     assert scpo(["data", "convert", "--format", fmt, str(src), str(tmp_path / "out.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "bad.jsonl:2" in err
+    assert err.startswith("scpo data: error: ") and "\n" not in err and "bad.jsonl:2" in err
     if not message.endswith("malformed JSON"):  # the loader (data.format) names the same line
         with pytest.raises(DataError, match=message.replace("bad\\.jsonl", "bad\\.jsonl")):
             load_prompts(src, fmt=fmt)
