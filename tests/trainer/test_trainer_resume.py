@@ -33,8 +33,10 @@ data:
   synthetic: {n_train: 16, n_eval: 4, max_ops: 2}
 warmstart: {enabled: true, steps: 8, batch_size: 4, micro_batch_size: 4, lr: 1.0e-3, warmup_steps: 2, log_every: 1,
             checkpoint_interval: 0}
-rollout: {n_samples: 3, max_new_tokens: 16, check_num_sequences: 1, check_seq_len: 8}
-algo: {method: scpo, segmentation: {min_step_tokens: 1}, scpo: {advantage: s_gae}}  # all-wrong groups still train
+rollout: {n_samples: 3, max_new_tokens: 24, check_num_sequences: 1, check_seq_len: 8}
+# The barely warm-started model answers nothing: every group is all-wrong, which carries no correctness signal
+# for any method (SCPO gives such groups zero advantage); GRPO with DAPO's soft overlong penalty still trains.
+algo: {method: grpo, segmentation: {min_step_tokens: 1}, overlong: {enabled: true, cache_length: 16}}
 optim: {lr: 1.0e-3}
 rl: {steps: 6, prompts_per_step: 3, micro_batch_size: 3, mini_batches: 1}
 eval: {enabled: false}
@@ -69,7 +71,7 @@ def _stable(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if not k.startswith(VOLATILE)}
 
 
-def _interrupt_mid_stage2(cmd: list[str], run_dir, sig: int, after_step: int, stage: str = "rl/scpo") -> subprocess.Popen:
+def _interrupt_mid_stage2(cmd: list[str], run_dir, sig: int, after_step: int, stage: str = "rl/grpo") -> subprocess.Popen:
     """Start ``cmd`` and send ``sig`` as soon as it has logged ``stage`` step ``after_step``; output goes to files
     next to the run dir (a pipe could be held open by the trainer's helper processes after a SIGKILL)."""
     log = run_dir.parent / f"{run_dir.name}.out"
@@ -104,7 +106,7 @@ def uninterrupted(tmp_path_factory):
     cfg.write_text(CONFIG)
     subprocess.run(_cmd(str(cfg), str(root / "a")), env=_env(), check=True, capture_output=True, timeout=300)
     ra = _records(root / "a")
-    rl_a = [r for r in ra if r["stage"] == "rl/scpo"]
+    rl_a = [r for r in ra if r["stage"] == "rl/grpo"]
     assert len(rl_a) == 6 and len({tuple(r["data/prompt_ids"]) for r in rl_a}) > 1
     assert any(abs(r["loss"]) > 0 for r in rl_a)  # the steps really train
     return cfg, ra
@@ -117,7 +119,7 @@ def test_sigkill_mid_stage2_then_resume_matches_uninterrupted(tmp_path, uninterr
     proc = _interrupt_mid_stage2(_cmd(str(cfg), str(b)), b, signal.SIGKILL, after_step=3)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, f"B was not killed mid-run (rc {proc.returncode})"
-    killed_at = max(r["step"] for r in _records(b) if r["stage"] == "rl/scpo")
+    killed_at = max(r["step"] for r in _records(b) if r["stage"] == "rl/grpo")
     assert killed_at < 6
     assert (b / "checkpoints" / "latest").read_text().strip().startswith("step_")
 
@@ -138,11 +140,11 @@ def test_sigterm_mid_stage2_checkpoints_exits_143_and_resumes_exactly(tmp_path, 
     proc.wait(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE == 143, (tmp_path / "c.err").read_text()[-3000:]
     assert "[stop]" in (tmp_path / "c.out").read_text()
-    reached = max(r["step"] for r in _records(c) if r["stage"] == "rl/scpo")
+    reached = max(r["step"] for r in _records(c) if r["stage"] == "rl/grpo")
     assert 3 <= reached < 6  # the step running at SIGTERM was finished
     latest = (c / "checkpoints" / "latest").read_text().strip()
     state = json.loads((c / "checkpoints" / latest / "trainer_state.json").read_text())
-    assert latest.startswith("step_") and state["phase"] == "rl/scpo" and state["rl_step"] == reached
+    assert latest.startswith("step_") and state["phase"] == "rl/grpo" and state["rl_step"] == reached
     assert state["metrics_records"] == len(_records(c))  # nothing logged after the checkpoint
 
     resumed = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
@@ -186,8 +188,7 @@ def test_sigkill_with_dynamic_sampling_resumes_exactly(tmp_path):
     seeds must still make a SIGKILLed run continue exactly (same prompts drawn, same metrics)."""
     cfg = tmp_path / "resume.yaml"
     cfg.write_text(CONFIG)
-    over = ("rl.dynamic_sampling=true", "rl.dynamic_sampling_max_draws=2", "rl.truncated_grading=grade",
-            "algo.method=grpo", "algo.scpo.advantage=split")
+    over = ("rl.dynamic_sampling=true", "rl.dynamic_sampling_max_draws=2", "rl.truncated_grading=grade")
     subprocess.run(_cmd(str(cfg), str(tmp_path / "a"), *over), env=_env(), check=True, capture_output=True,
                    timeout=300)
     ra = _records(tmp_path / "a")
@@ -196,7 +197,7 @@ def test_sigkill_with_dynamic_sampling_resumes_exactly(tmp_path):
     drawn = [len(r["data/prompt_ids"]) for r in rl_a]
     assert drawn == [3 * r["rollout/draws"] for r in rl_a] and sum(drawn) > 18  # some step drew a second round
     b = tmp_path / "b"
-    proc = _interrupt_mid_stage2(_cmd(str(cfg), str(b), *over), b, signal.SIGKILL, after_step=3, stage="rl/grpo")
+    proc = _interrupt_mid_stage2(_cmd(str(cfg), str(b), *over), b, signal.SIGKILL, after_step=3)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, f"B was not killed mid-run (rc {proc.returncode})"
     resumed = subprocess.run(_cmd(str(cfg), str(b), *over), env=_env(), capture_output=True, text=True, timeout=300)
