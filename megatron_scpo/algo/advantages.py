@@ -63,11 +63,13 @@ def s_gae(
     reduce: Literal["sum", "mean"] = "sum",
     normalize: bool = True,
     eps: float = 1e-6,
+    std_floor: float = 0.0,
 ) -> Tensor:
     """Critic-free S-GAE (reconstructed): group-normalize all step rewards, then reverse-accumulate.
 
-    ``rn = (r - mean_g) / (std_g + eps)`` over every valid step of every sample in the group
-    (population std); ``A_j = sum_{m>=j} (gamma*lambda)^(m-j) rn_m``. With gamma*lambda = 1 this is
+    ``rn = (r - mean_g) / (max(std_g, std_floor) + eps)`` over every valid step of every sample in the group
+    (population std; the floor, in reward units, keeps a near-zero std from blowing tiny reward differences
+    up to O(1)); ``A_j = sum_{m>=j} (gamma*lambda)^(m-j) rn_m``. With gamma*lambda = 1 and no floor this is
     GRPO process supervision (DeepSeekMath). Returns step advantages [B, K] (0 on padding, float64).
     """
     _check_step_shapes(step_rewards, step_mask)
@@ -78,7 +80,7 @@ def s_gae(
         gid = inv[:, None].expand_as(r)
         mean, std, _ = masked_group_stats(r, gid, n, mask)
         sd = std[gid]
-        r = torch.where(sd > 0, (r - mean[gid]) / (sd + eps), torch.zeros_like(r))
+        r = torch.where(sd > 0, (r - mean[gid]) / (sd.clamp(min=std_floor) + eps), torch.zeros_like(r))
     return discounted_reverse_sum(r, mask, gamma_lambda, reduce=reduce)
 
 

@@ -155,8 +155,11 @@ class ScpoConfig:
     lam: float = 0.5  # S-GAE decays by gamma*lam per step (0.5: horizon of a few steps; 1 was unstable with split)
     reduce: Literal["sum", "mean"] = "sum"  # mean: discounted average instead of discounted sum
     len_coef: float = 1.0  # split/critic: slope of A_len at 0 (A_len ~ len_coef * S for small S)
-    len_bound: float = 0.9  # split/critic: |A_len| < len_bound (< the outcome gap, >= 1 with the default GRPO)
+    len_bound: float = 0.9  # split/critic: |A_len| < len_bound; must be < the outcome gap (AlgoConfig checks)
     std_eps: float = 1e-6
+    # noise floors (ours): a +-1-token difference in a group of near-equal lengths is not a length signal.
+    length_sd_floor: float = 0.1  # z(l) and z(L) divide by max(sd, length_sd_floor * mean)
+    std_floor: float = 0.05  # step rewards are standardized by max(std, std_floor) (reward units; range <= 1)
 
     def validate(self) -> None:
         _check_range(self, "k1", 0.0, 1.0, hi_open=False)
@@ -167,8 +170,10 @@ class ScpoConfig:
         _check_range(self, "gamma", 0.0, 1.0, hi_open=False)
         _check_range(self, "lam", 0.0, 1.0, hi_open=False)
         _check_range(self, "len_coef", 0.0, float("inf"))
-        _check_range(self, "len_bound", 0.0, 1.0)
+        _check_range(self, "len_bound", 0.0, float("inf"))
         _check_range(self, "std_eps", 0.0, 1.0, lo_open=True)
+        _check_range(self, "length_sd_floor", 0.0, 1.0, hi_open=False)
+        _check_range(self, "std_floor", 0.0, 1.0)
         if self.advantage == "s_gae" and self.reduce != "mean":
             raise ValueError(
                 "advantage s_gae needs reduce: mean (the summed form pays a correct response once per step and can "

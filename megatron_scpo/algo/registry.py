@@ -374,14 +374,16 @@ class ScpoMethod(MethodBase):
         if sc.advantage == "s_gae":
             if sc.reduce != "mean":  # AlgoConfig validation says so too; a hand-built config must not slip past
                 raise ValueError("scpo.advantage s_gae needs reduce: mean (see ScpoConfig)")
-            step_a = s_gae(step_r, mask, r.group_ids, gamma_lambda=gl, reduce="mean", eps=sc.std_eps)
+            step_a = s_gae(step_r, mask, r.group_ids, gamma_lambda=gl, reduce="mean", eps=sc.std_eps,
+                           std_floor=sc.std_floor)
         else:
             a = self.cfg.advantage
             outcome = group_normalize(c.to(torch.float64), r.group_ids, scale_std=a.scale_std,
                                       unbiased=a.unbiased_std, eps=a.eps)
             len_mask = mask & c[:, None]
             if sc.advantage == "split":
-                s = s_gae(step_r, len_mask, r.group_ids, gamma_lambda=gl, reduce=sc.reduce, eps=sc.std_eps)
+                s = s_gae(step_r, len_mask, r.group_ids, gamma_lambda=gl, reduce=sc.reduce, eps=sc.std_eps,
+                          std_floor=sc.std_floor)
             else:
                 if r.values is None:
                     raise ValueError("scpo.advantage=critic needs GroupedRollouts.values (critic values [B, T])")

@@ -162,8 +162,10 @@ def test_issue_example_long_correct_stays_above_wrong():
     assert tm[7] == pytest.approx(-7 * 0.125 ** 0.5, abs=1e-5)
     assert tm[6] > 0.125 ** 0.5 - 0.9 > tm[7]
     assert min(tm[:6]) > tm[6]  # it is still ranked below the other correct ones
+    assert min(tm[:6]) - tm[6] < 0.7  # but one token among 40 is a small signal (floors; 1.43 without them)
     unbounded = AlgoConfig(method="scpo")
-    unbounded.scpo.len_bound = 1e9  # ~ the pre-fix form (bound * tanh(x / bound) ~ x)
+    unbounded.scpo.len_bound = 1e9  # ~ the pre-fix form (bound * tanh(x / bound) ~ x), without the noise floors
+    unbounded.scpo.length_sd_floor, unbounded.scpo.std_floor = 0.0, 0.0
     a = build_method(unbounded).compute(r).advantages
     assert (a.double().sum(1) / r.response_mask.sum(1))[6].item() == pytest.approx(-3.395, abs=1e-3)
 

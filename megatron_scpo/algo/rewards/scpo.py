@@ -7,6 +7,8 @@ Only the survey row of the reward survived (research/papers.md 1.2); the symbols
     incorrect: r_j = -exp(-rho * (K - j) / k0),  j = 1..K, k0 = K unless configured
 so long, unimportant steps lose most; important steps (w ~ 1) keep their length; a wrong response's
 penalty concentrates on the steps nearest its wrong conclusion. A zero std gives z = 0 (population std).
+Ours: each sd is floored at ``length_sd_floor * mean`` so that +-1 token among near-equal lengths is not
+read as a strong length signal.
 Truncated responses (cut at the generation limit) never enter mu_l, sd_l, mu_L, sd_L: their capped
 length would shift the reference lengths (DESIGN.md 3, issue 11 item 2); they still get a reward.
 """
@@ -54,8 +56,9 @@ def scpo_step_rewards(
     mu_l, sd_l, _ = masked_group_stats(lj, gid, n, step_sel)
     L = total_lengths.to(torch.float64)
     mu_L, sd_L, _ = masked_group_stats(L, inv, n, stat)
-    lt = (1.0 - w) * _zscore(lj, mu_l[gid], sd_l[gid])
-    nt = _zscore(L, mu_L[inv], sd_L[inv])
+    f = cfg.length_sd_floor
+    lt = (1.0 - w) * _zscore(lj, mu_l[gid], torch.maximum(sd_l, f * mu_l)[gid])
+    nt = _zscore(L, mu_L[inv], torch.maximum(sd_L, f * mu_L)[inv])
     r_correct = (1.0 - cfg.k1 * torch.sigmoid(lt)) * (1.0 - cfg.k2 * torch.sigmoid(nt))[:, None]
 
     K = mask.sum(dim=1).to(torch.float64)  # steps are contiguous from 0
