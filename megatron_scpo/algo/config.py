@@ -131,14 +131,14 @@ class ScpoConfig:
     correct:   r_j = (1 - k1*sigmoid((1-w_j) z(l_j))) * (1 - k2*sigmoid(z(L)))
     incorrect: r_j = -exp(-rho * (K - j) / k0)   (k0 = K when null)
 
-    Advantage forms (docs/algorithms.md "Invariant" and "Choice of the default advantage"):
+    Advantage forms (docs/algorithms.md "Invariants", "Choice of the length term"):
 
     - ``split`` (default): A = A_outcome (GRPO on correctness) + A_len on correct responses, with
-      A_len_j = len_bound * tanh(len_coef * S_j / len_bound), S_j the discounted ``reduce`` (sum / mean, decay
+      A_len_j = len_bound * tanh(len_coef * D_j / len_bound), D_j the discounted ``reduce`` (sum / mean, decay
       gamma*lam) of the step rewards standardized over the group's correct steps. |A_len| < len_bound, and
       ``len_bound`` is validated below the smallest outcome gap any group can have, so a correct response
       always ends above every wrong one (a bare std-normalized sum did not: issue 11 item 1).
-    - ``critic``: the same, with S_j = GAE of the centred correct step rewards against critic values.
+    - ``critic``: the same, with D_j = GAE of the centred correct step rewards against critic values.
     - ``s_gae``: one S-GAE over all step rewards of the group; needs ``reduce: mean`` (a discounted average of
       the response's own steps, whose rewards are > 0 if correct and < 0 if wrong, so correct >= wrong holds;
       the summed form pays once per step and can rank a long correct response below a wrong one).
