@@ -1,16 +1,20 @@
-"""RL steps with ``rollout.engine=sglang`` end to end, attached to the SGLang API stand-in on 127.0.0.1.
+"""RL steps with ``rollout.engine=sglang`` end to end: against a real SGLang server and against the stand-in.
 
-The stand-in (tests/rollout/sglang_standin.py) speaks SGLang's HTTP contract and samples a transformers
-copy of the run's initial checkpoint. Two real RL steps (build_runtime + rl_step, as ``scpo train``) run
-against it: step 0 syncs through ``disk``, step 1 through ``tensor`` (in-process, so the stand-in can open the
-shared-memory handles). Checked: the rollouts are the server's (requests, seeds, rows) and carry the
-trainer's log-probs; every sync runs the documented sequence, the server ends on the new version with
-exactly the trainer's weights, the post-sync log-prob check passes, and the server's greedy output equals
-``transformers.generate`` on the trainer's exported weights. The same runs at TP=1 and TP=2 (rank 0 hosts the
-server and owns the engine; rank 1 only walks the collective export); step 0 of both sees the same server
-rollouts and computes the same loss. Metrics are not compared with a
-``rollout.engine=local`` run: the stand-in seeds each row (``sampling_seed``) while LocalEngine seeds one
-generator per call, so the same seed gives different (equally valid) samples.
+Real server (``test_rl_steps_against_real_sglang``): one SGLang CPU server per module (the server venv,
+tests/rollout/sglang_real.py, inside a private network namespace with the trainer ranks), two RL steps at TP=1
+and then TP=2: step 0 syncs by ``disk``, step 1 by ``distributed`` (gloo). Checked: rollouts come from the
+previous sync's version, the server's sample log-probs equal Megatron's recompute, the post-sync check passes,
+the server reports the new version, and its greedy output equals ``transformers.generate`` on the trainer's
+exported weights. The TP=2 run attaches to the server still holding the TP=1 run's weights: the engine restores
+the run's start checkpoint before its first rollout.
+
+Stand-in (``test_rl_steps_against_sglang_standin``, tests/rollout/sglang_standin.py): only what the real
+server cannot do here, ``weight_sync: tensor`` (it kills a CPU server over HTTP), with the request log to
+check the documented sync order and the per-row seeds. The stand-in samples a transformers copy of the run's
+initial checkpoint, in-process on rank 0 (so it can open the shared-memory handles); rank 1 only walks the
+collective export. Step 0 of TP=1 and TP=2 sees the same server rollouts and computes the same loss. Metrics
+are not compared with a ``rollout.engine=local`` run: the stand-in seeds each row (``sampling_seed``) while
+LocalEngine seeds one generator per call, so the same seed gives different (equally valid) samples.
 """
 
 from __future__ import annotations
@@ -23,11 +27,8 @@ import pytest
 from trainer_tiny import TINY_RL, run_tp1_and_tp2
 
 HERE = Path(__file__).parent
-SYNC_SEQUENCE = {
-    "disk": ["/pause_generation", "/update_weights_from_disk", "/flush_cache", "/continue_generation", "/model_info"],
-    "tensor": ["/pause_generation", "/update_weights_from_tensor", "/update_weight_version", "/flush_cache",
-               "/continue_generation", "/model_info"],
-}
+SYNC_SEQUENCE = ["/pause_generation", "/update_weights_from_tensor", "/update_weight_version", "/flush_cache",
+                 "/continue_generation", "/model_info"]
 
 
 def _cfg(url: str, disk_dir: str):
@@ -35,7 +36,7 @@ def _cfg(url: str, disk_dir: str):
 
     return load_config(None, [
         *TINY_RL, "name=rlsglang", "parallel.tp=1", "rollout.engine=sglang", f"rollout.sglang_urls=[{url}]",
-        "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_sync_dir={disk_dir}",
+        "rollout.sglang.weight_sync=tensor", f"rollout.sglang.disk_sync_dir={disk_dir}",
         "rollout.sglang.weight_bucket_mb=0.05", "rollout.sglang.max_batch_per_request=5",
         "rollout.sglang.max_retries=1", "rollout.sglang.retry_backoff_s=0.05",
         "rollout.sglang.request_timeout_s=60", "rollout.sglang.startup_timeout_s=10",
@@ -54,7 +55,6 @@ def _sampling_rows(body: dict) -> list[dict]:
 
 def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     """TP=``world``; rank 0 hosts the stand-in and owns the engine, every rank trains and exports."""
-    import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -110,9 +110,9 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
             assert rt.engine is None
         start = [p.detach().clone() for p in rt.policy.modules()[0].parameters()]
         steps = []
-        for step, mode in enumerate(("disk", "tensor")):
+        for step in range(2):
+            mode = "tensor"
             if rank == 0:
-                rt.engine.cfg = dataclasses.replace(rt.engine.cfg, weight_sync=mode)
                 n_req = len(server.requests)
             m = rl_step(rt, method, records, step=step, seed=77 + step)
             rec = {"mode": mode, "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}
@@ -157,8 +157,6 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
                     full = ref.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
                                         eos_token_id=rt.eos_id, pad_token_id=rt.pad_id)[0, len(p):].tolist()
                 res["greedy_ref"].append(full[: full.index(rt.eos_id) + 1] if rt.eos_id in full else full)
-            res["disk_dirs"] = sorted(d.name for d in (run / "sync").iterdir())
-            res["disk_shards"] = len(list((run / "sync" / "weights_v1").glob("*.safetensors")))
             res["n_buckets"] = len(list(bucket_named_tensors(exported.items(), int(0.05 * 2**20))))
             rt.engine.shutdown()
     finally:
@@ -182,8 +180,9 @@ def _check_run(res: dict, world: int) -> None:
         # the server's sample log-probs are the trainer's own log-probs of those samples (same weights)
         assert m["train_rollout_logprob_abs_diff"] < 1e-4, (world, m)
         # the sync went through the configured method, in the documented order, to the new version
-        assert s["sync_paths"] == SYNC_SEQUENCE[s["mode"]], s  # (repeated bucket requests collapsed)
-        assert s["n_updates"] == (1 if s["mode"] == "disk" else res["n_buckets"]), (s, res["n_buckets"])
+        assert s["sync_paths"][:-1] == SYNC_SEQUENCE[:-1], s  # (repeated bucket requests collapsed)
+        assert s["sync_paths"][-1] == "/model_info", s  # the version check (then the generate-time check)
+        assert s["n_updates"] == res["n_buckets"], (s, res["n_buckets"])
         assert s["server_version"] == str(i + 1) and m["weight_version"] == i + 1, s
         # post-sync check: server and trainer score the same sequences after the update
         assert 0 <= m["rollout_logprob_abs_diff"] < 1e-4, (world, m)
@@ -191,8 +190,6 @@ def _check_run(res: dict, world: int) -> None:
     assert res["moved"] > 0
     assert res["weights_names_ok"] and res["weights_max_diff"] == 0.0, res
     assert res["n_buckets"] > 1  # 50 KB buckets: the tensor sync sent several requests
-    # the disk sync wrote one versioned dir: one shard per bucket (+ index + the base config/tokenizer files)
-    assert res["disk_dirs"] == ["weights_v1"] and res["disk_shards"] == res["n_buckets"], res
     assert res["ref_load"]["unexpected"] == [] and set(res["ref_load"]["missing"]) <= {"lm_head.weight"}, res
     assert res["greedy_versions"] == [2] and all(len(g) > 1 for g in res["greedy"]), res
     assert res["greedy"] == res["greedy_ref"], (world, res["greedy"], res["greedy_ref"])
@@ -208,3 +205,148 @@ def test_rl_steps_against_sglang_standin(tmp_path):
     for k in ("reward/mean", "acc/mean", "length/mean"):
         assert m1[k] == pytest.approx(m2[k], abs=1e-6), (k, m1[k], m2[k])
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-3, abs=1e-5), (m1["loss"], m2["loss"])
+
+
+# ----------------------------------------------------------------------------------------- real SGLang server
+sys.path.insert(0, str(HERE.parent / "rollout"))
+from sglang_real import private_netns, real_server_kwargs, sglang_python  # noqa: E402
+
+# The tiny model with head_dim 64 (SGLang's CPU backend; 2 KV heads so that TP=2 splits them).
+REAL_MODEL = ["tiny_model.hidden_size=128", "tiny_model.num_attention_heads=2", "tiny_model.head_dim=64",
+              "tiny_model.num_key_value_heads=2", "tiny_model.intermediate_size=256"]  # fmt: skip
+
+
+def _real_cfg(url: str, disk_dir: str):
+    from megatron_scpo.config import load_config
+
+    return load_config(None, [
+        *TINY_RL, *REAL_MODEL, "name=rlsglang_real", "parallel.tp=1", "rollout.engine=sglang",
+        f"rollout.sglang_urls=[{url}]", "rollout.sglang.weight_sync=disk", f"rollout.sglang.disk_sync_dir={disk_dir}",
+        "rollout.sglang.sync_backend=gloo", "rollout.sglang.weight_bucket_mb=0.05",
+        "rollout.sglang.max_retries=1", "rollout.sglang.retry_backoff_s=0.05",
+        "rollout.sglang.request_timeout_s=120", "rollout.sglang.startup_timeout_s=30",
+    ])
+
+
+def _real_worker(rank: int, world: int, out_path: str, run_dir: str, url: str) -> None:
+    """TP=``world`` trainer attached to the module's real server: step 0 syncs by disk, step 1 by distributed."""
+    import dataclasses
+
+    import requests
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import megatron_scpo.data.answers as answers
+    from megatron_scpo.algo.registry import build_method
+    from megatron_scpo.convert.live import iter_hf_tensors
+    from megatron_scpo.data.datasets import PromptIterator, load_split
+    from megatron_scpo.rollout.base import SamplingParams
+    from megatron_scpo.trainer.rl import rl_step
+    from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
+
+    quiet_warnings()
+    answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups, deterministic
+    run = Path(run_dir)
+    cfg = _real_cfg(url, str(run / "sync"))
+    rt = build_runtime(cfg, run)  # the run's init_model was written by the test (the server may serve another)
+    records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)
+    method = build_method(algo_for(cfg, "grpo"))
+    calls: list = []
+    if rank == 0:
+        real_generate = rt.engine.generate
+
+        def recording_generate(prompts, n, params):
+            out = real_generate(prompts, n, params)
+            calls.append(out)
+            return out
+
+        rt.engine.generate = recording_generate
+    res: dict = {"steps": []}
+    for step, mode in enumerate(("disk", "distributed")):
+        if rank == 0:
+            rt.engine.cfg = dataclasses.replace(rt.engine.cfg, weight_sync=mode)
+        m = rl_step(rt, method, records, step=step, seed=77 + step)
+        rec = {"mode": mode, "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}
+        if rank == 0:
+            rec["sample_versions"] = sorted({s.weight_version for g in calls[-1] for s in g})
+            rec["server_version"] = requests.get(url + "/model_info", timeout=30).json()["weight_version"]
+        res["steps"].append(rec)
+    exported = dict(iter_hf_tensors(rt.policy.modules(), rt.hf_config))  # collective
+    if rank == 0:
+        ref = AutoModelForCausalLM.from_pretrained(str(rt.hf_dir), dtype=torch.float32, local_files_only=True)
+        missing, unexpected = ref.load_state_dict(exported, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        ref.eval()
+        prompts = [rt.encode_prompt(r.problem) for r in records]
+        greedy = rt.engine.generate(prompts, 1, SamplingParams(max_new_tokens=16, temperature=0.0,
+                                                               stop_token_ids=[rt.eos_id]))
+        res["greedy_versions"] = sorted({g[0].weight_version for g in greedy})
+        res["greedy"], res["greedy_ref"] = [g[0].token_ids for g in greedy], []
+        for p in prompts:
+            with torch.no_grad():
+                full = ref.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
+                                    eos_token_id=rt.eos_id, pad_token_id=rt.pad_id)[0, len(p):].tolist()
+            res["greedy_ref"].append(full[: full.index(rt.eos_id) + 1] if rt.eos_id in full else full)
+        res["disk_dirs"] = sorted(d.name for d in (run / "sync").iterdir())
+        rt.engine.shutdown()  # attached: leaves the server running, tears down the weight-update group
+        with open(out_path, "w") as f:
+            json.dump(res, f)
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    """One real SGLang server for the module (launch mode, the server venv's python), in a private netns."""
+    from megatron_scpo.rollout import SGLangConfig
+    from megatron_scpo.rollout.sglang import SGLangEngine, process_tree
+    from megatron_scpo.trainer.run import _model_source, _write_tiny_model
+
+    python = sglang_python()  # skips here without the server venv
+    root = tmp_path_factory.mktemp("trainer_sglang_real")
+    probe = _real_cfg("http://127.0.0.1:1", str(root / "sync"))
+    hf_dir, _, tok = _model_source(probe, root / "run1")
+    (root / "run1").mkdir()
+    _write_tiny_model(probe, hf_dir, tok)  # the same init checkpoint the TP=1 run builds
+    with private_netns():
+        eng = SGLangEngine(SGLangConfig(**real_server_kwargs(hf_dir, python=python, log_dir=str(root / "logs"))))
+        pids = process_tree(eng.server_pids[0])
+        try:
+            yield root, eng.worker_urls[0]
+        finally:
+            eng.shutdown()
+            from sglang_real import pids_alive
+
+            assert pids_alive(pids) == [], pids_alive(pids)
+
+
+@pytest.mark.distributed
+def test_rl_steps_against_real_sglang(real_server):
+    """Two RL steps at TP=1 then TP=2 against one real server (disk then gloo-distributed sync), post-sync check on.
+
+    The TP=2 run starts from its own init checkpoint while the server still holds the TP=1 run's step-2 weights:
+    SGLangEngine restores the server to the run's version-0 checkpoint before its first rollout."""
+    from dist_utils import spawn
+
+    root, url = real_server
+    res = {}
+    for world in (1, 2):
+        out = root / f"tp{world}.json"
+        spawn(_real_worker, world_size=world, args=(str(out), str(root / f"run{world}"), url))
+        res[world] = json.loads(out.read_text())
+    for world in (1, 2):
+        r = res[world]
+        for i, s in enumerate(r["steps"]):
+            m = s["metrics"]
+            # rollouts come from the weights of the previous sync (step 0: the run's start checkpoint)
+            assert s["sample_versions"] == [i], (world, s)
+            # engine log-probs of its own samples vs the Megatron recompute (same weights, fp32)
+            assert m["train_rollout_logprob_abs_diff"] < 1e-4, (world, m)
+            # post-sync check: server and Megatron score the same sequences after the update
+            assert 0 <= m["rollout_logprob_abs_diff"] < 1e-4, (world, m)
+            assert s["server_version"] == str(i + 1) and m["weight_version"] == i + 1, s
+            assert m["grad_norm"] > 0 and 0 < m["acc/mean"] < 1, m
+            print(f"[sglang-real] TP={world} step {i} ({s['mode']} sync): |server - Megatron| log-prob max "
+                  f"{m['train_rollout_logprob_abs_diff']:.2e} (rollouts), {m['rollout_logprob_abs_diff']:.2e} "
+                  "(post-sync check)")
+        assert r["greedy_versions"] == [2] and all(len(g) > 1 for g in r["greedy"]), r
+        assert r["greedy"] == r["greedy_ref"], (world, r["greedy"], r["greedy_ref"])
+        assert r["disk_dirs"] == [], r  # step 0's weights_v1 is removed once step 1 (gloo) passed its version check
