@@ -300,27 +300,59 @@ def sec_bench(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, str(REPO / "benchmarks" / "bench_kernels.py"), "--json", str(out_json),
                *(["--quick"] if args.quick else [])]
         how = "benchmarks/bench_kernels.py (pytest or hypothesis not installed)"
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    table = [ln for ln in p.stdout.splitlines() if ln.startswith("|") or ln.startswith("device:")]
-    res: dict[str, Any] = {"ran": how, "rc": p.returncode, "table": table}
+    # leave the section's own timeout room to report: rows already printed survive a bench timeout
+    rc, out, timed_out = run_group(cmd, max(30.0, args.section_timeout - 25), env=env)
+    table = list(dict.fromkeys(ln for ln in out.splitlines() if ln.startswith("|") or ln.startswith("device:")))
+    res: dict[str, Any] = {"ran": how, "rc": rc, "table": table}
     name = torch.cuda.get_device_properties(0).name
-    tbps = hbm_tbps(name, args.hbm_tbps)
+    res["logprob_hbm"] = logprob_hbm_rows(table, hbm_tbps(name, args.hbm_tbps))
     if out_json.is_file():
-        rows = json.loads(out_json.read_text())
-        res["rows"] = rows
-        hbm = []
-        for r in rows:
-            spec = (r.get("ours") or {}).get("case", "")
-            if spec.startswith("logprobs:") and "seconds" in r["ours"]:
-                _, _, n, v, dt = spec.split(":")
-                nbytes = 3 * int(n) * int(v) * (2 if dt == "bf16" else 4)
-                gbps = nbytes / r["ours"]["seconds"] / 1e9
-                hbm.append({"label": r["label"], "achieved_GBps": gbps,
-                            "hbm_fraction": gbps / (tbps * 1e3) if tbps else None})
-        res["logprob_hbm"] = hbm
-    if p.returncode != 0:
-        return {"status": "failed", "reason": (p.stdout + p.stderr).strip().splitlines()[-1:], "results": res}
+        res["rows"] = json.loads(out_json.read_text())
+    if timed_out:
+        return {"status": "failed", "reason": f"bench timed out after {args.section_timeout - 25:.0f} s; the rows "
+                "measured before are kept", "results": res}
+    if rc != 0:
+        return {"status": "failed", "reason": out.strip().splitlines()[-1:], "results": res}
     return {"status": "ok", "results": res}
+
+
+def logprob_hbm_rows(table: list[str], tbps: float | None) -> list[dict[str, Any]]:
+    """GB/s and HBM fraction of the bench's log-prob rows ("| log-probs ... N=.. V=.. bf16 | naive | ours | ...").
+
+    Bytes = 3 passes over the [N, V] logits (forward read, backward re-read, gradient write): a lower bound.
+    """
+    import re
+
+    out = []
+    for ln in table:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        m = re.search(r"N=(\d+) V=(\d+) (fp32|bf16)", cells[0]) if cells else None
+        if not (m and cells[0].startswith("log-probs") and len(cells) > 2 and cells[2].endswith(" ms")):
+            continue
+        n, v, dt = int(m.group(1)), int(m.group(2)), m.group(3)
+        sec = float(cells[2].removesuffix(" ms")) / 1e3
+        gbps = 3 * n * v * (2 if dt == "bf16" else 4) / sec / 1e9
+        out.append({"label": cells[0], "achieved_GBps": gbps, "hbm_fraction": gbps / (tbps * 1e3) if tbps else None})
+    return out
+
+
+def run_group(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
+              stdout: Any = None) -> tuple[int, str, bool]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (pytest's bench subprocesses too).
+
+    Returns (exit code, captured stdout+stderr or "" when ``stdout`` is a file, timed out?).
+    """
+    import signal
+
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, start_new_session=True,
+                         stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out or "", False
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        return -9, out or "", True
 
 
 # ------------------------------------------------------------------------------------------------ megatron
@@ -531,14 +563,14 @@ def run_section_subprocess(name: str, args: argparse.Namespace, timeout: float) 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--run-section", name, "--result", str(result),
            "--workdir", args.workdir, *(["--quick"] if args.quick else []),
            *(["--hbm-tbps", str(args.hbm_tbps)] if args.hbm_tbps else [])]
+    cmd += ["--section-timeout", str(timeout)]
     log = Path(args.workdir) / f"section_{name}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        try:
-            subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False, cwd=REPO)
-        except subprocess.TimeoutExpired:
-            return {"status": "failed", "reason": f"timed out after {timeout:.0f} s (log: {log.name})",
-                    "seconds": time.perf_counter() - t0}
+        _, _, timed_out = run_group(cmd, timeout, env=env, stdout=f)
+    if timed_out:
+        return {"status": "failed", "reason": f"timed out after {timeout:.0f} s (log: {log.name})",
+                "seconds": time.perf_counter() - t0}
     if not result.is_file():
         tail = log.read_text().strip().splitlines()[-5:]
         return {"status": "failed", "reason": f"no result (crashed): {tail}", "seconds": time.perf_counter() - t0}
@@ -604,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-section", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--section-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.run_section:  # child: one section, result as JSON
         Path(args.result).write_text(json.dumps(run_section_here(args.run_section, args), default=str))

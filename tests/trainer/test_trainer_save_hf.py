@@ -132,3 +132,89 @@ def test_save_hf_tp2_without_distributed_optimizer(tmp_path: Path):
     _assert_all_exported(res, {"rl_start", "step_000001", "rl_scpo"})
     assert res["dtype"] == "bfloat16"
     assert any(k.endswith("_tp2") for k in res["equal"]) and any(k.endswith("_tp1") for k in res["equal"])
+
+
+# ---- fast checks without Megatron: the hf/ writer inside CheckpointManager.save, and --mcore resolution ----------
+class _FakePolicy:
+    """named_hf_parameters() like MegatronPolicy's (HF names, full tensors); ``fail_after`` raises mid-stream."""
+
+    def __init__(self, dtype, fail_after: int | None = None):
+        import torch
+
+        self.tensors = [("model.embed_tokens.weight", torch.ones(4, 2, dtype=dtype)),
+                        ("model.norm.weight", torch.full((2,), 2.0, dtype=dtype))]
+        self.fail_after = fail_after
+
+    def named_hf_parameters(self):
+        for i, nt in enumerate(self.tensors):
+            if self.fail_after is not None and i == self.fail_after:
+                raise RuntimeError("export died")
+            yield nt
+
+
+def _source_dir(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32"}))
+    (src / "tokenizer.json").write_text("{}")
+    (src / "generation_config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"not copied")
+    return src
+
+
+def test_hf_dir_in_every_checkpoint_atomic_and_dtype(tmp_path: Path):
+    import torch
+    from safetensors.torch import load_file
+
+    from megatron_scpo.trainer.checkpoint import CheckpointManager, hf_saver
+
+    src = _source_dir(tmp_path)
+    mgr = CheckpointManager(tmp_path / "run", keep=5)
+
+    def save_model(d: Path) -> None:
+        d.mkdir(parents=True)
+
+    # save_hf off: hf/ still holds config + tokenizer (so mcore-to-hf needs nothing else), no weights
+    p1 = mgr.save(1, {}, save_model, save_hf=hf_saver(_FakePolicy(torch.float32), src, 0, weights=False))
+    assert sorted(x.name for x in (p1 / "hf").iterdir()) == ["config.json", "generation_config.json", "tokenizer.json"]
+    # save_hf on, a bf16 model: safetensors in the model dtype and config.json saying so
+    p2 = mgr.save(2, {}, save_model, save_hf=hf_saver(_FakePolicy(torch.bfloat16), src, 0, weights=True))
+    sd = load_file(str(p2 / "hf" / "model.safetensors"))
+    assert sorted(sd) == ["model.embed_tokens.weight", "model.norm.weight"] and sd["model.norm.weight"].dtype == torch.bfloat16
+    assert json.loads((p2 / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((src / "config.json").read_text())["dtype"] == "float32"  # the source is untouched
+    # the export dies mid-stream: no step_000003, latest still step_000002
+    with pytest.raises(RuntimeError, match="export died"):
+        mgr.save(3, {}, save_model, save_hf=hf_saver(_FakePolicy(torch.float32, fail_after=1), src, 0, weights=True))
+    assert not (mgr.root / "step_000003").exists() and mgr.latest().name == "step_000002"
+    # a non-writer rank drains the collective stream and writes nothing
+    from megatron_scpo.trainer.checkpoint import export_hf
+
+    drained = _FakePolicy(torch.float32)
+    assert export_hf(tmp_path / "never", src, drained.named_hf_parameters(), is_writer=False) == []
+    assert not (tmp_path / "never").exists()
+
+
+def test_mcore_source_resolution(tmp_path: Path):
+    from megatron_scpo.convert.checkpoint import resolve_mcore_source
+    from megatron_scpo.convert.mapping import ConversionError
+
+    run = tmp_path / "run"
+    ck = run / "checkpoints" / "step_000004"
+    (ck / "model").mkdir(parents=True)
+    (ck / "model" / "metadata.json").write_text("{}")
+    (ck / "trainer_state.json").write_text("{}")
+    with pytest.raises(ConversionError, match="pass --hf-config"):  # no hf/, no run config
+        resolve_mcore_source(ck)
+    (run / "config.yaml").write_text(f"model:\n  hf_path: {_source_dir(tmp_path)}\n")
+    assert resolve_mcore_source(ck) == (ck / "model", tmp_path / "src")  # older checkpoints: the run's model
+    (run / "init_model").mkdir()
+    (run / "init_model" / "config.json").write_text("{}")
+    assert resolve_mcore_source(ck / "model") == (ck / "model", run / "init_model")  # the tiny model's dir
+    (ck / "hf").mkdir()
+    (ck / "hf" / "config.json").write_text("{}")
+    for given in (ck, ck / "model"):  # the checkpoint's own hf/ wins
+        assert resolve_mcore_source(given) == (ck / "model", ck / "hf")
+    assert resolve_mcore_source(ck, tmp_path / "other") == (ck / "model", tmp_path / "other")
+    with pytest.raises(ConversionError, match="not a directory"):
+        resolve_mcore_source(tmp_path / "missing")
