@@ -134,10 +134,10 @@ class ScpoConfig:
     Advantage forms (docs/algorithms.md "Invariants", "Choice of the length term"):
 
     - ``split`` (default): A = A_outcome (GRPO on correctness) + A_len on correct responses, with
-      A_len_j = len_bound * tanh(len_coef * D_j / len_bound), D_j the discounted ``reduce`` (sum / mean, decay
-      gamma*lam) of the step rewards standardized over the group's correct steps. |A_len| < len_bound, and
-      ``len_bound`` is validated below the smallest outcome gap any group can have, so a correct response
-      always ends above every wrong one (a bare std-normalized sum did not: issue 11 item 1).
+      A_len_j = b * tanh(len_coef * D_j / b), D_j the discounted ``reduce`` (sum / mean, decay gamma*lam) of the
+      step rewards standardized over the group's correct steps, and b = len_gap_frac * g_min, g_min the smallest
+      correct-vs-wrong gap of A_outcome over all groups (``min_outcome_gap``). |A_len| < b < g_min, so a correct
+      response always ends above every wrong one (a bare std-normalized sum did not: issue 11 item 1).
     - ``critic``: the same, with D_j = GAE of the centred correct step rewards against critic values.
     - ``s_gae``: one S-GAE over all step rewards of the group; needs ``reduce: mean`` (a discounted average of
       the response's own steps, whose rewards are > 0 if correct and < 0 if wrong, so correct >= wrong holds;
@@ -155,7 +155,7 @@ class ScpoConfig:
     lam: float = 0.5  # S-GAE decays by gamma*lam per step (0.5: horizon of a few steps; 1 was unstable with split)
     reduce: Literal["sum", "mean"] = "sum"  # mean: discounted average instead of discounted sum
     len_coef: float = 1.0  # split/critic: slope of A_len at 0 (A_len ~ len_coef * S for small S)
-    len_bound: float = 0.9  # split/critic: |A_len| < len_bound; must be < the outcome gap (AlgoConfig checks)
+    len_gap_frac: float = 0.9  # split/critic: |A_len| < len_gap_frac * min_outcome_gap (1.27 with default GRPO)
     std_eps: float = 1e-6
     # noise floors (ours): a +-1-token difference in a group of near-equal lengths is not a length signal.
     length_sd_floor: float = 0.1  # z(l) and z(L) divide by max(sd, length_sd_floor * mean)
@@ -170,7 +170,7 @@ class ScpoConfig:
         _check_range(self, "gamma", 0.0, 1.0, hi_open=False)
         _check_range(self, "lam", 0.0, 1.0, hi_open=False)
         _check_range(self, "len_coef", 0.0, float("inf"))
-        _check_range(self, "len_bound", 0.0, float("inf"))
+        _check_range(self, "len_gap_frac", 0.0, 1.0)
         _check_range(self, "std_eps", 0.0, 1.0, lo_open=True)
         _check_range(self, "length_sd_floor", 0.0, 1.0, hi_open=False)
         _check_range(self, "std_floor", 0.0, 1.0)
@@ -299,13 +299,6 @@ class AlgoConfig:
                 f"overlong.enabled is not supported with method {self.method!r} (it would break the method's "
                 "reward invariants); use grpo, global_length_penalty, lapo_stage1 or lapo_stage2"
             )
-        if self.method == "scpo" and self.scpo.advantage in ("split", "critic"):
-            gap = min_outcome_gap(self.advantage)
-            if not self.scpo.len_bound < gap:
-                raise ValueError(
-                    f"scpo.len_bound ({self.scpo.len_bound}) must be < {gap:.6g}, the smallest correct-vs-wrong gap "
-                    "of the outcome advantage with these advantage.* settings"
-                )
         if self.overlong.enabled:
             floor = self.length_penalty.correct_floor() if self.method == "global_length_penalty" else 1.0
             if self.overlong.penalty_factor > floor + 1e-12:

@@ -22,7 +22,7 @@ from megatron_scpo.algo.advantages import (
     values_at_step_starts,
 )
 from megatron_scpo.algo.clipping import adaptive_clip
-from megatron_scpo.algo.config import AlgoConfig
+from megatron_scpo.algo.config import AlgoConfig, min_outcome_gap
 from megatron_scpo.algo.groups import check_finite, group_index, group_normalize, masked_group_stats
 from megatron_scpo.algo.rewards.baselines import (
     accuracy_reward,
@@ -393,7 +393,8 @@ class ScpoMethod(MethodBase):
                 v = values_at_step_starts(r.values.to(torch.float64), step_ids, K)
                 s, _ = s_gae_critic(torch.where(len_mask, step_r - mean[gid], torch.zeros_like(step_r)), v, len_mask,
                                     gamma=sc.gamma, lam=sc.lam)
-            a_len = torch.where(len_mask, bounded(s, sc.len_bound, sc.len_coef), torch.zeros_like(s))
+            bound = sc.len_gap_frac * min_outcome_gap(a)  # < every correct-vs-wrong gap of `outcome`
+            a_len = torch.where(len_mask, bounded(s, bound, sc.len_coef), torch.zeros_like(s))
             step_a = (outcome[:, None] + a_len) * mask
         # DESIGN.md 3: a group whose samples all get the same reward carries no signal. One sample has no baseline;
         # all-wrong samples share the outcome (s_gae would otherwise rank their step penalties, even above 0).

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from megatron_scpo.algo.advantages import bounded, discounted_reverse_sum
-from megatron_scpo.algo.config import ScpoConfig
+from megatron_scpo.algo.config import AdvantageConfig, ScpoConfig, min_outcome_gap
 from megatron_scpo.algo.groups import group_index, group_normalize, masked_group_stats
 from megatron_scpo.algo.rewards.scpo import scpo_step_rewards
 
@@ -132,6 +132,7 @@ def issue_example(f: LengthTerm, cfg: ScpoConfig) -> tuple[float, float, float]:
 def main() -> None:
     plain = ScpoConfig(length_sd_floor=0.0, std_floor=0.0)
     floors = ScpoConfig()
+    b = floors.len_gap_frac * min_outcome_gap(AdvantageConfig())  # the default bound, 1.273
     forms: list[tuple[str, LengthTerm, ScpoConfig]] = [
         ("std-normalized, unbounded (before)", std_normalized(None), plain),
         ("clamp to +-0.9", std_normalized(0.9, clamp=True), plain),
@@ -139,8 +140,9 @@ def main() -> None:
         ("0.5 tanh(S/0.5)", std_normalized(0.5), plain),
         ("fixed scale (r - mean)/0.1, 0.9 tanh", fixed_scale(0.1, 0.9), plain),
         ("fixed range, discounted mean, x0.9", fixed_range_mean(0.9, plain), plain),
-        ("0.9 tanh + floors (default)", std_normalized(0.9, floor=floors.std_floor), floors),
-        ("same, len_bound 1.3", std_normalized(1.3, floor=floors.std_floor), floors),
+        ("0.9 tanh + floors", std_normalized(0.9, floor=floors.std_floor), floors),
+        (f"{b:.3f} tanh + floors (default: 0.9 x gap 1.414)", std_normalized(b, floor=floors.std_floor), floors),
+        (f"{b:.3f} tanh, no floors", std_normalized(b), plain),
     ]
     rng = random.Random(0)
     rand = [make_group(rng, rng.choice([2, 4, 8, 16])) for _ in range(1500)]

@@ -48,7 +48,7 @@ def algo_config(path: str, method: str, variant: str) -> AlgoConfig:
     elif variant == "critic":
         ov += ["algo.scpo.advantage=critic"]
     elif variant == "split_gl1":  # the setting that collapsed accuracy when unbounded
-        ov += ["algo.scpo.advantage=split", "algo.scpo.lam=1.0", "algo.scpo.len_bound=0.99"]
+        ov += ["algo.scpo.advantage=split", "algo.scpo.lam=1.0", "algo.scpo.len_gap_frac=0.99"]
     elif variant == "async":
         ov += ["algo.calibration.variance=unbiased", "algo.calibration.normalize=accuracy"]
     elif variant == "dr_grpo":
@@ -154,17 +154,17 @@ def test_issue_example_long_correct_stays_above_wrong():
 
     Reference computed by hand: outcome GRPO on 7 x 1, 1 x 0 (unbiased std sqrt(1/8)) is +sqrt(1/8) = 0.354 for
     the correct responses and -7 sqrt(1/8) = -2.475 for the wrong one; the length term of the long response is
-    bounded by len_bound 0.9, so its token mean is > 0.354 - 0.9 = -0.546.
+    bounded by 0.9 x the smallest outcome gap 1/sqrt(1/2) = 1.273, so its token mean is > 0.354 - 1.273 = -0.919.
     """
     r = rollouts(_issue_example())
     a = build_method(AlgoConfig(method="scpo")).compute(r).advantages
     tm = (a.double().sum(1) / r.response_mask.sum(1)).tolist()
     assert tm[7] == pytest.approx(-7 * 0.125 ** 0.5, abs=1e-5)
-    assert tm[6] > 0.125 ** 0.5 - 0.9 > tm[7]
+    assert tm[6] > 0.125 ** 0.5 - 0.9 / 0.5 ** 0.5 > tm[7]
     assert min(tm[:6]) > tm[6]  # it is still ranked below the other correct ones
     assert min(tm[:6]) - tm[6] < 0.7  # but one token among 40 is a small signal (floors; 1.43 without them)
     unbounded = AlgoConfig(method="scpo")
-    unbounded.scpo.len_bound = 1e9  # ~ the pre-fix form (bound * tanh(x / bound) ~ x), without the noise floors
+    unbounded.scpo.len_gap_frac = 1e9  # ~ the pre-fix form (b tanh(x / b) ~ x; no validation here), no floors
     unbounded.scpo.length_sd_floor, unbounded.scpo.std_floor = 0.0, 0.0
     a = build_method(unbounded).compute(r).advantages
     assert (a.double().sum(1) / r.response_mask.sum(1))[6].item() == pytest.approx(-3.395, abs=1e-3)

@@ -146,25 +146,27 @@ def test_scpo_split_and_critic():
     torch.testing.assert_close(out.advantages[2, :3], torch.full((3,), -(2 / 3) / s), rtol=1e-4, atol=1e-5)
     sr = out.step_rewards.double()
     u = sr[:2] - (sr[0, 0] + sr[0, 1] + sr[1, 0]) / 3
-    exp0 = 0.9 * torch.tanh((u[0, 0] + 0.5 * u[0, 1]) / 0.9) + (1 / 3) / s
+    bound = 0.9 / (0.5 ** 0.5 + 1e-6)
+    exp0 = bound * torch.tanh((u[0, 0] + 0.5 * u[0, 1]) / bound) + (1 / 3) / s
     assert out.advantages[0, 0].item() == pytest.approx(exp0.item(), rel=1e-5)
 
 
 def test_scpo_default_is_the_measured_split_form():
-    """Pins the default: split, gamma*lambda 0.5, summed, len_coef 1, bounded by len_bound 0.9 (tanh).
+    """Pins the default: split, gamma*lambda 0.5, summed, len_coef 1, bounded by b = 0.9 / sqrt(1/2) (tanh).
 
     Hand-computed: one group, correct responses of one 2-token and one 6-token step (importance 1, so the
     step-length term vanishes), one wrong response. Length reward r = 0.75 * (1 - 0.5 sigmoid(-+1)), normalized
-    among the two correct steps -> +-1 (population std), bounded to +-0.9 tanh(1/0.9); outcome GRPO on
+    among the two correct steps -> +-1 (population std), bounded to +-b tanh(1/b); outcome GRPO on
     [1, 1, 0] -> 1/sqrt(3), 1/sqrt(3), -2/sqrt(3).
     """
     from megatron_scpo.algo.config import ScpoConfig
 
     d = ScpoConfig()
-    assert (d.advantage, d.gamma * d.lam, d.reduce, d.len_coef, d.len_bound) == ("split", 0.5, "sum", 1.0, 0.9)
+    assert (d.advantage, d.gamma * d.lam, d.reduce, d.len_coef, d.len_gap_frac) == ("split", 0.5, "sum", 1.0, 0.9)
+    bound = 0.9 / (0.5 ** 0.5 + 1e-6)  # 0.9 x the smallest GRPO gap (G = 2, unbiased std sqrt(1/2))
 
     def b(x: float) -> float:
-        return 0.9 * torch.tanh(torch.tensor(x / 0.9)).item()
+        return bound * torch.tanh(torch.tensor(x / bound)).item()
 
     step_ids = torch.tensor([[0, 0, -1, -1, -1, -1], [0, 0, 0, 0, 0, 0], [0, 1, 2, -1, -1, -1]])
     r = GroupedRollouts(
@@ -269,9 +271,9 @@ def _legacy_summed_s_gae(r: GroupedRollouts, lam: float) -> torch.Tensor:
     return adv.sum(1) / (r.step_ids >= 0).sum(1)
 
 
-def _per_response(r: GroupedRollouts, adv: str, lam: float, reduce: str, bound: float = 0.9) -> torch.Tensor:
+def _per_response(r: GroupedRollouts, adv: str, lam: float, reduce: str, frac: float = 0.9) -> torch.Tensor:
     cfg = AlgoConfig(method="scpo")
-    cfg.scpo.advantage, cfg.scpo.lam, cfg.scpo.reduce, cfg.scpo.len_bound = adv, lam, reduce, bound
+    cfg.scpo.advantage, cfg.scpo.lam, cfg.scpo.reduce, cfg.scpo.len_gap_frac = adv, lam, reduce, frac
     return build_method(cfg).compute(r).advantages.sum(1) / (r.step_ids >= 0).sum(1)
 
 
@@ -291,7 +293,7 @@ def test_s_gae_step_count_bias_is_measured_not_assumed():
 def test_split_length_term_vs_outcome_term_is_measured():
     """Correct responses of 2, 4, 6, 8 ten-token steps (importance 1) and four wrong ones (docs table 2).
 
-    Unbounded (the pre-issue-11 form, len_bound ~ inf) with gamma*lambda 1, the summed length advantage of the
+    Unbounded (the pre-issue-11 form, len_gap_frac ~ inf) with gamma*lambda 1, the summed length advantage of the
     longest correct response outweighs the outcome term: it ends below every wrong response. The bounded default
     keeps correct > wrong for any gamma*lambda while still ranking shorter correct responses higher.
     """
@@ -303,7 +305,7 @@ def test_split_length_term_vs_outcome_term_is_measured():
     default = build_method(AlgoConfig(method="scpo")).compute(r).advantages.sum(1) / (ids >= 0).sum(1)
     torch.testing.assert_close(default, _per_response(r, "split", 0.5, "sum"))
     assert (default[:4].diff() < 0).all() and default[:4].min() > default[4:].max()
-    assert _per_response(r, "split", 1.0, "sum", bound=1e9)[3] < default[4:].min()  # the fault, unbounded
+    assert _per_response(r, "split", 1.0, "sum", frac=1e9)[3] < default[4:].min()  # the fault, unbounded
     for lam in (1.0, 0.5, 0.0):
         a = _per_response(r, "split", lam, "sum")
         assert (a[:4].diff() < 0).all() and a[:4].min() > a[4:].max(), lam
