@@ -31,7 +31,8 @@ TOL = 1e-5  # advantages are float32
 # (method, variant): every method; SCPO in each advantage form; the sequence methods with DAPO overlong shaping
 # at its largest allowed penalty (lengths near a 200-token limit so the window bites).
 VARIANTS = [
-    ("scpo", "config"), ("scpo", "s_gae"), ("scpo", "critic"), ("scpo", "split_gl1"),
+    ("scpo", "config"), ("scpo", "s_gae"), ("scpo", "critic"), ("scpo", "split_gl1"), ("scpo", "dr_grpo"),
+    ("scpo", "population_std"),
     ("calibration", "config"), ("calibration", "async"),
     ("global_length_penalty", "config"), ("global_length_penalty", "kimi"),
     ("lapo_stage1", "config"), ("lapo_stage2", "config"), ("grpo", "config"), ("grpo", "dr_grpo"),
@@ -53,6 +54,8 @@ def algo_config(path: str, method: str, variant: str) -> AlgoConfig:
         ov += ["algo.calibration.variance=unbiased", "algo.calibration.normalize=accuracy"]
     elif variant == "dr_grpo":
         ov += ["algo.advantage.scale_std=false"]
+    elif variant == "population_std":
+        ov += ["algo.advantage.unbiased_std=false", "algo.advantage.eps=0.5"]
     if "kimi" in variant:
         ov += ["algo.length_penalty.style=kimi", "algo.length_penalty.kimi_weight=2.0" if variant == "kimi"
                else "algo.length_penalty.kimi_weight=1.0"]
