@@ -10,6 +10,10 @@ Real training runs on the tiny model (tests/trainer/trainer_tiny.py):
   Then ``scpo eval --hf <ckpt>/hf`` gives the same metrics JSON as ``scpo eval --run-dir`` of that checkpoint.
 - world 2, TP=2, distributed optimizer off, bf16: RL checkpoints; the export (gathered over TP, bf16, config.json
   saying so) equals the converter's output loaded at TP=2 and at TP=1 x DP=2 (built in the stored dtype).
+
+Without Megatron (fast): ``hf/`` written inside ``CheckpointManager.save`` (config/tokenizer only without
+``save_hf``; bf16 weights and dtype in config.json with it; an export dying mid-stream leaves no checkpoint and
+``latest`` unchanged; non-writer ranks drain the stream), and how ``--mcore`` finds the dist checkpoint and config.
 """
 
 from __future__ import annotations
