@@ -13,7 +13,11 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${OUT:-$REPO/gpu_check_out}"
 if [[ $# -gt 0 && "$1" != --* ]]; then OUT_DIR="$1"; shift; fi
 mkdir -p "$OUT_DIR/work"
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then  # the interpreter that has torch ($PYTHON overrides)
+  for c in python3 python; do if "$c" -c "import torch" 2> /dev/null; then PY="$c"; break; fi; done
+fi
+PY="${PY:-python3}"
 WHEELS_LOG="$OUT_DIR/work/wheels.log"
 : > "$WHEELS_LOG"
 for d in "$REPO/shared/wheels" "$REPO/benchmarks/wheels"; do
