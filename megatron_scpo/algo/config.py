@@ -154,7 +154,7 @@ class ScpoConfig:
     gamma: float = 1.0
     lam: float = 0.5  # S-GAE decays by gamma*lam per step (0.5: horizon of a few steps; 1 was unstable with split)
     reduce: Literal["sum", "mean"] = "sum"  # mean: discounted average instead of discounted sum
-    len_coef: float = 1.0  # split/critic: slope of A_len at 0 (A_len ~ len_coef * S for small S)
+    len_coef: float = 1.0  # split/critic: slope of A_len at 0 (A_len ~ len_coef * D for small D)
     len_gap_frac: float = 0.9  # split/critic: |A_len| < len_gap_frac * min_outcome_gap (1.27 with default GRPO)
     std_eps: float = 1e-6
     # noise floors (ours): a +-1-token difference in a group of near-equal lengths is not a length signal.
