@@ -173,3 +173,26 @@ def test_gguf_to_hf_on_an_hf_dir_and_bad_sources(smollm2_hf_dir: Path, tmp_path:
     assert main(["gguf-to-hf", str(smollm2_hf_dir), str(out)]) == 2  # existing output is never overwritten
     assert "already exists" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_scpo_eval_hf_on_the_real_model(reference: dict, smollm2_hf_dir: Path, tmp_path: Path, capsys):
+    """`scpo eval --hf` with the real chat model: LocalEngine from runtime.make_engine, chat prompts from the one
+    encoding; greedy answers equal the reference decode (same ids in, same tokens out)."""
+    from megatron_scpo.cli import main
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "problem": p, "answer": "5"}) + "\n"
+                            for i, p in enumerate(PROMPTS[:2])))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"name: smol\ndata: {{source: file, train_path: {data}, eval_path: {data}, template: chat}}\n"
+                   f"eval: {{n_samples: 1, pass_k: [1], greedy: true, max_new_tokens: {MAX_NEW}}}\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["eval", str(cfg), "--hf", str(smollm2_hf_dir), "--label", "smol", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "eval" / "smol.json").read_text())
+    assert res["engine"] == "local" and 0.0 <= res["pass@1"] <= 1.0
+    assert res["example"]["response"] == reference["local_text"][0]
