@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tp", type=int, default=1, help="tensor parallel size to write at (default 1)")
     a.add_argument("--pp", type=int, default=1, help="pipeline parallel size to write at (default 1)")
     b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint (any TP/PP) -> HF safetensors dir")
-    b.add_argument("--mcore", required=True, help="megatron dist checkpoint directory")
+    b.add_argument("--mcore", required=True, help="megatron dist checkpoint directory, or a trainer checkpoint "
+                   "(RUN_DIR/checkpoints/<name> or its model/; optimizer state is skipped)")
     b.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     b.add_argument("--hf-config", default=None, help="HF config/tokenizer dir (default: the checkpoint's hf/)")
     b.add_argument("--tp", type=int, default=1, help="tensor parallel size to load at (default 1)")
