@@ -86,7 +86,11 @@ class AdvantageConfig:
 class SegmentationConfig:
     """Reasoning text -> steps (reconstructed SCPO segmentation)."""
 
-    delimiter: str = r"\n\n"  # regex; the delimiter stays with the step it ends
+    # regex; the delimiter stays with the step it ends. A blank line, except right after a colon: a lead-in
+    # ("We can write this as:") and the display equation after it form one step (docs/data.md: on CHAMP's
+    # human-marked first wrong steps 93% of spans fall inside one step, 69% with a plain "\n\n"; the
+    # synthetic task segments identically).
+    delimiter: str = r"(?<!:)\n\n"
     min_step_tokens: int = 5  # shorter steps merge into the previous one
     think_open: str = "<think>"
     think_close: str = "</think>"

@@ -139,3 +139,13 @@ def test_importance_edge_cases():
         build_importance_requests([ImportanceItem([1], [10], torch.tensor([0]), [])], [7])
     with pytest.raises(ValueError, match="non-decreasing"):
         build_importance_requests([ImportanceItem([1], [10, 11, 12], torch.tensor([1, 0, 2]), [8], answer_step=2)], [7])
+
+
+def test_default_delimiter_keeps_a_colon_lead_in_with_its_equation():
+    # CHAMP-style solution: "...as:\n\n$$...$$" is one step under the default, two under a plain "\n\n"
+    text = "<think>We can write this as:\n\n$$x^2 - 1 = 0$$\n\nSo x is 1 or -1.\n\n</think>\\boxed{1}"
+    seg = segment_steps(text, chars(text), SegmentationConfig(min_step_tokens=1))
+    plain = segment_steps(text, chars(text), SegmentationConfig(min_step_tokens=1, delimiter=r"\n\n"))
+    assert seg.num_steps == 3 and plain.num_steps == 4  # (lead-in + equation), conclusion, answer
+    first = text.index("$$x^2")
+    assert seg.step_ids[first] == seg.step_ids[0] and plain.step_ids[first] != plain.step_ids[0]
