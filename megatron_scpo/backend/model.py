@@ -219,13 +219,55 @@ def te_available() -> bool:
     return True
 
 
+def packed_dot_product_attention() -> type:
+    """megatron's local ``DotProductAttention`` that also takes packed (THD) sequences.
+
+    The local core attention asserts ``packed_seq_params is None`` (megatron supports THD only through
+    ``TEDotProductAttention``). With ``qkv_format == "thd"`` this subclass gets q/k/v as ``[T, heads, dim]``
+    (already rotated per sequence by ``apply_rotary_pos_emb`` with ``cu_seqlens``), views them as
+    ``[T, 1, heads, dim]`` and runs the unchanged local attention with the block-diagonal causal mask of
+    ``cu_seqlens`` (the caller's ``attention_mask`` when given, else built here): exactly TE's THD
+    attention, computed densely (O(T^2) memory: a CPU/test path, not for long rows). Output ``[T, 1, h]``,
+    which megatron's ``Attention`` reshapes as it does TE's THD output. Without packed params: the parent.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_scpo.backend.packing import block_causal_mask
+
+    class PackedDotProductAttention(DotProductAttention):
+        def forward(self, query: Any, key: Any, value: Any, attention_mask: Any, attn_mask_type: Any = None,
+                    attention_bias: Any = None, packed_seq_params: Any = None) -> Any:
+            if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+                return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                       attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+            t = query.shape[0]
+            if attention_mask is None:
+                attention_mask = block_causal_mask(packed_seq_params.cu_seqlens_q, t)
+            return super().forward(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), attention_mask,
+                                   attn_mask_type=attn_mask_type, attention_bias=attention_bias)
+
+    return PackedDotProductAttention
+
+
+_PACKED_ATTENTION: type | None = None
+
+
 def layer_spec(config: Any, use_te: bool | None = None) -> Any:
-    """The TE spec when Transformer Engine is importable (GPU), else megatron's local spec."""
+    """The TE spec when Transformer Engine is importable (GPU), else megatron's local spec.
+
+    The local spec's core attention is ``packed_dot_product_attention()`` (the local attention plus packed
+    THD input); TE's ``TEDotProductAttention`` takes THD natively (``PackedSeqParams``, cu_seqlens).
+    """
+    global _PACKED_ATTENTION
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te if use_te is not None else te_available():
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    if _PACKED_ATTENTION is None:
+        _PACKED_ATTENTION = packed_dot_product_attention()
+    spec.submodules.self_attention.submodules.core_attention = _PACKED_ATTENTION
+    return spec
 
 
 def build_model(

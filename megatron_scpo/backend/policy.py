@@ -33,7 +33,8 @@ from scpo_kernels import NonFiniteError
 from megatron_scpo.algo import losses as algo_losses
 from megatron_scpo.backend import logprobs as lpmod
 from megatron_scpo.backend.config import ParallelConfig
-from megatron_scpo.backend.model import build_model, parse_hf_config, unwrap
+from megatron_scpo.backend.model import build_model, parse_hf_config, te_available, unwrap
+from megatron_scpo.backend.packing import block_causal_mask, pack_rows, token_budget_micro_batches
 from megatron_scpo.backend.parallel import init_parallel
 
 CKPT_META = "scpo_backend_meta.json"
@@ -103,6 +104,8 @@ class MegatronPolicy:
         self.arch = parse_hf_config(hf_config)
         self.hf_config = hf_config
         self.micro_batch_size = micro_batch_size
+        self.packed = bool(self.parallel.packed_sequences)
+        self.max_tokens = self.parallel.max_tokens_per_micro_batch
         self.ckpt_optim_sharding = ckpt_optim_sharding
         self.info = init_parallel(
             self.parallel.tp,
@@ -114,6 +117,7 @@ class MegatronPolicy:
             num_layers=self.arch.num_layers,
         )
         torch.manual_seed(seed)
+        self.use_te = te_available()  # the spec build_model picks: THD attention is TE's on GPU, ours on CPU
         chunks = build_model(hf_config, self.parallel, dtype)
         self.config = unwrap(chunks[0]).config
         ddp_cfg = DistributedDataParallelConfig(
@@ -155,6 +159,39 @@ class MegatronPolicy:
         b = next(iter(tensors.values())).shape[0]
         return [{k: v[i : i + mbs] for k, v in tensors.items()} for i in range(0, b, mbs)]
 
+    def _plan(self, attention_mask: torch.Tensor, mbs: int) -> list[list[int]]:
+        """Row indices of each micro-batch: a token budget (balanced) or consecutive runs of ``mbs`` rows."""
+        b = attention_mask.shape[0]
+        if self.max_tokens is not None:
+            lengths = attention_mask.to(torch.int64).sum(-1).tolist()
+            # interleaved 1F1B wants the micro-batch count a multiple of PP (megatron checks it)
+            mult = self.parallel.pp if self.parallel.vpp > 1 else 1
+            return token_budget_micro_batches(lengths, self.max_tokens, multiple_of=mult)
+        return [list(range(i, min(i + mbs, b))) for i in range(0, b, mbs)]
+
+    def _packed_micro_batches(self, tensors: dict[str, torch.Tensor], plan: list[list[int]]) -> list[dict[str, Any]]:
+        """One dict per micro-batch: its rows of every ``[B, ...]`` tensor plus ``_rows`` and (packed) ``_packed``.
+
+        Packed rows share one length under PP (megatron's P2P exchanges [T, 1, hidden] of a fixed T per
+        schedule: the longest micro-batch's real tokens), rounded up to a multiple of TP under sequence
+        parallelism (the sequence dimension is split over TP ranks).
+        """
+        am = tensors["attention_mask"]
+        mult = self.parallel.tp if self.config.sequence_parallel else 1
+        row_len = None
+        if self.packed and self.parallel.pp > 1:
+            longest = max(int(am[rows].sum()) if rows else 0 for rows in plan)
+            row_len = max(1, -(-longest // mult) * mult)
+        out: list[dict[str, Any]] = []
+        for rows in plan:
+            ix = torch.as_tensor(rows, dtype=torch.long)
+            mb: dict[str, Any] = {k: v[ix] for k, v in tensors.items()}
+            mb["_rows"] = ix
+            if self.packed:
+                mb["_packed"] = pack_rows(mb["input_ids"], mb["attention_mask"], 0, row_len=row_len, multiple_of=mult)
+            out.append(mb)
+        return out
+
     def _iterators(self, mbs_list: list[dict[str, torch.Tensor]]) -> Iterator | list[Iterator]:
         if len(self.model) == 1:
             return iter(mbs_list)
@@ -163,14 +200,17 @@ class MegatronPolicy:
     def _run_schedule(self, mbs_list: list[dict], forward_step: Any, forward_only: bool, collect: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        seq = mbs_list[0]["input_ids"].shape[1]
+        if "_packed" in mbs_list[0]:  # THD: hidden states [T, 1, h], one T for all micro-batches under PP
+            seq, mbs = mbs_list[0]["_packed"].total, 1
+        else:
+            seq, mbs = mbs_list[0]["input_ids"].shape[1], mbs_list[0]["input_ids"].shape[0]
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=self._iterators(mbs_list),
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(mbs_list),
             seq_length=seq,
-            micro_batch_size=mbs_list[0]["input_ids"].shape[0],
+            micro_batch_size=mbs,
             forward_only=forward_only,
             collect_non_loss_data=collect,
         )
@@ -192,27 +232,38 @@ class MegatronPolicy:
             raise BatchError(
                 f"sequence length {input_ids.shape[1]} > max_position_embeddings={self.arch.max_position_embeddings}"
             )
-        if self.config.sequence_parallel and input_ids.shape[1] % self.parallel.tp != 0:
+        if self.config.sequence_parallel and not self.packed and input_ids.shape[1] % self.parallel.tp != 0:
             raise BatchError(f"sequence_parallel needs S divisible by tp={self.parallel.tp}, got S={input_ids.shape[1]}")
         _check_right_padded(attention_mask)
 
     def _forward_step(self, loss_fn: Any, data_iterator: Iterator, model: Any) -> tuple[torch.Tensor, Any]:
         mb = next(data_iterator)
+        pk = mb.get("_packed")
+        if pk is not None:
+            # THD: TE reads cu_seqlens; the local spec's PackedDotProductAttention takes the equivalent
+            # block-diagonal causal mask (built once here for every layer). RoPE restarts per sequence.
+            mask = None if self.use_te else block_causal_mask(pk.cu_seqlens, pk.total)
+            out = model(pk.input_ids, pk.position_ids, mask, packed_seq_params=pk.packed_seq_params())
+            return out, partial(loss_fn, mb)
         ids = mb["input_ids"]
         pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
         # attention_mask=None: megatron applies its causal mask; right padding never affects real tokens.
         out = model(ids, pos, None)
         return out, partial(loss_fn, mb)
 
-    def _token_logprobs(self, mb: dict[str, torch.Tensor], logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    def _token_logprobs(self, mb: dict[str, Any], logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """fp32 ``[n, S]`` log-probs of the micro-batch's rows (0 at t=0 and on padding), packed or padded."""
+        pk = mb.get("_packed")
         lp = lpmod.token_logprobs(
             logits,
-            mb["input_ids"],
+            mb["input_ids"] if pk is None else pk.input_ids,
             vocab_size=self.arch.vocab_size,
             temperature=temperature,
             tp_group=self._ps.get_tensor_model_parallel_group() if self.parallel.tp > 1 else None,
             tp_rank=self._ps.get_tensor_model_parallel_rank(),
         )
+        if pk is not None:  # [1, T]: a sequence's first token has no log-prob; back onto the [n, S] grid
+            lp = pk.unpack(lp.index_fill(1, pk.starts.to(lp.device), 0.0))
         return lp * mb["attention_mask"].to(lp.dtype)
 
     def _broadcast_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
@@ -241,14 +292,23 @@ class MegatronPolicy:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         mbs = micro_batch_size or self.micro_batch_size
         b = input_ids.shape[0]
-        n_pad = (-b) % mbs  # pad with copies of row 0 so every micro-batch has the same shape
-        ids = torch.cat([input_ids, input_ids[:1].expand(n_pad, -1)]) if n_pad else input_ids
-        am = torch.cat([attention_mask, attention_mask[:1].expand(n_pad, -1)]) if n_pad else attention_mask
-        mbs_list = self._micro_batches({"input_ids": ids, "attention_mask": am}, mbs)
 
         def collect(mb: dict, logits: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
             return self._token_logprobs(mb, logits, temperature)
 
+        if self.packed or self.max_tokens is not None:
+            mbs_list = self._packed_micro_batches({"input_ids": input_ids, "attention_mask": attention_mask},
+                                                  self._plan(attention_mask, mbs))
+            out = self._run_schedule(mbs_list, partial(self._forward_step, collect), forward_only=True, collect=True)
+            result = torch.zeros(input_ids.shape, dtype=torch.float32)
+            if self._ps.is_pipeline_last_stage():
+                for mb, lp in zip(mbs_list, out):
+                    result[mb["_rows"]] = lp.float()
+            return self._broadcast_from_last_stage(result)
+        n_pad = (-b) % mbs  # pad with copies of row 0 so every micro-batch has the same shape
+        ids = torch.cat([input_ids, input_ids[:1].expand(n_pad, -1)]) if n_pad else input_ids
+        am = torch.cat([attention_mask, attention_mask[:1].expand(n_pad, -1)]) if n_pad else attention_mask
+        mbs_list = self._micro_batches({"input_ids": ids, "attention_mask": am}, mbs)
         out = self._run_schedule(mbs_list, partial(self._forward_step, collect), forward_only=True, collect=True)
         if self._ps.is_pipeline_last_stage():
             result = torch.cat(list(out), dim=0).float()
@@ -274,7 +334,7 @@ class MegatronPolicy:
             raise BatchError("loss_mask[:, 0] must be 0: the first token has no log-prob")
         if bool((batch["loss_mask"].bool() & ~batch["attention_mask"].bool()).any()):
             raise BatchError("loss_mask marks padding tokens (attention_mask == 0)")
-        if b % self.micro_batch_size != 0:
+        if self.max_tokens is None and b % self.micro_batch_size != 0:
             raise BatchError(f"batch size {b} is not a multiple of micro_batch_size={self.micro_batch_size}")
         for k, v in batch.items():
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
@@ -386,7 +446,10 @@ class MegatronPolicy:
         units = lpmod.agg_units(batch["loss_mask"].bool(), agg).reshape(1)
         if self.info.dp > 1:
             dist.all_reduce(units, group=self._ps.get_data_parallel_group())
-        mbs_list = self._micro_batches(dict(batch), self.micro_batch_size)
+        if self.packed or self.max_tokens is not None:
+            mbs_list = self._packed_micro_batches(dict(batch), self._plan(batch["attention_mask"], self.micro_batch_size))
+        else:
+            mbs_list = self._micro_batches(dict(batch), self.micro_batch_size)
         loss_fn = partial(self._loss_func, loss, kw, float(units), len(mbs_list))
 
         self._zero_grads()

@@ -122,13 +122,19 @@ def check_grads(policy, ref_grads: dict, tag: str, metrics: dict, clip: float = 
 
 
 def make_policy(kind: str, tp: int = 1, pp: int = 1, *, distopt: bool = True, mbs: int = 1, lr: float = 1e-2,
-                layers: int = 2, vpp: int = 1, sp: bool = False, dtype: str = "float32", load: bool = True):
-    """A MegatronPolicy with the reference HF weights (``load=False``: megatron's random init instead)."""
+                layers: int = 2, vpp: int = 1, sp: bool = False, dtype: str = "float32", load: bool = True,
+                packed: bool | None = None, max_tokens: int | None = None):
+    """A MegatronPolicy with the reference HF weights (``load=False``: megatron's random init instead).
+
+    ``packed``: ``parallel.packed_sequences`` (None: the config default); ``max_tokens``: the token budget.
+    """
     from megatron_scpo.backend.config import ParallelConfig
     from megatron_scpo.backend.policy import MegatronPolicy
 
     optim = SimpleNamespace(lr=lr, weight_decay=0.01, clip_grad=1.0)
-    par = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, use_distributed_optimizer=distopt)
+    extra = {} if packed is None else {"packed_sequences": packed}
+    par = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, use_distributed_optimizer=distopt,
+                         max_tokens_per_micro_batch=max_tokens, **extra)
     pol = MegatronPolicy(hf_cfg(kind, layers), par, optim, dtype=dtype, micro_batch_size=mbs, seed=7)
     if load:
         pol.load_hf_weights(hf_model(hf_cfg(kind, layers)).state_dict())
