@@ -147,6 +147,9 @@ class MegatronPolicy:
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.steps_done = 0
+        # Cumulative over every schedule run (log-prob and training passes): real tokens, positions the model
+        # computed, and positions the padded layout computes for the same rows (padding efficiency = ratio).
+        self.position_stats = {"real_tokens": 0, "computed_positions": 0, "padded_positions": 0}
 
     # ------------------------------------------------------------------ groups / helpers
     @property
@@ -200,6 +203,11 @@ class MegatronPolicy:
     def _run_schedule(self, mbs_list: list[dict], forward_step: Any, forward_only: bool, collect: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        for mb in mbs_list:
+            real, grid = int(mb["attention_mask"].sum()), int(mb["input_ids"].numel())
+            self.position_stats["real_tokens"] += real
+            self.position_stats["padded_positions"] += grid
+            self.position_stats["computed_positions"] += mb["_packed"].total if "_packed" in mb else grid
         if "_packed" in mbs_list[0]:  # THD: hidden states [T, 1, h], one T for all micro-batches under PP
             seq, mbs = mbs_list[0]["_packed"].total, 1
         else:
@@ -300,10 +308,10 @@ class MegatronPolicy:
             mbs_list = self._packed_micro_batches({"input_ids": input_ids, "attention_mask": attention_mask},
                                                   self._plan(attention_mask, mbs))
             out = self._run_schedule(mbs_list, partial(self._forward_step, collect), forward_only=True, collect=True)
-            result = torch.zeros(input_ids.shape, dtype=torch.float32)
+            result = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
             if self._ps.is_pipeline_last_stage():
                 for mb, lp in zip(mbs_list, out):
-                    result[mb["_rows"]] = lp.float()
+                    result[mb["_rows"].to(result.device)] = lp.float().to(result.device)
             return self._broadcast_from_last_stage(result)
         n_pad = (-b) % mbs  # pad with copies of row 0 so every micro-batch has the same shape
         ids = torch.cat([input_ids, input_ids[:1].expand(n_pad, -1)]) if n_pad else input_ids
@@ -334,7 +342,7 @@ class MegatronPolicy:
             raise BatchError("loss_mask[:, 0] must be 0: the first token has no log-prob")
         if bool((batch["loss_mask"].bool() & ~batch["attention_mask"].bool()).any()):
             raise BatchError("loss_mask marks padding tokens (attention_mask == 0)")
-        if self.max_tokens is None and b % self.micro_batch_size != 0:
+        if not self.packed and self.max_tokens is None and b % self.micro_batch_size != 0:
             raise BatchError(f"batch size {b} is not a multiple of micro_batch_size={self.micro_batch_size}")
         for k, v in batch.items():
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):

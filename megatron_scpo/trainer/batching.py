@@ -1,6 +1,8 @@
-"""Packing (prompt, response) token lists into the padded tensors the backend trains on.
+"""(prompt, response) token lists -> the right-padded tensors the trainer hands to the backend.
 
-Layout: right-padded rows ``[prompt | response | pad]`` of length S. Per-token response quantities
+Layout: right-padded rows ``[prompt | response | pad]`` of length S (``PaddedBatch``). This is the trainer's
+host-side layout only: with ``parallel.packed_sequences`` the backend removes the padding before the model
+runs (``backend/packing.py``, verl's remove-padding), so the padding here costs no model compute. Per-token response quantities
 (advantages, rollout log-probs, step ids) are given per response token ``[B, T]`` and land at the same
 positions as the tokens themselves, matching the backend's log-prob convention
 ``logprobs[b, t] = log p(input_ids[b, t] | input_ids[b, :t])``.
@@ -16,7 +18,9 @@ from torch import Tensor
 
 
 @dataclass
-class PackedBatch:
+class PaddedBatch:
+    """Right-padded ``[B, S]`` rows ``[prompt | response | pad]`` and where each part lies."""
+
     input_ids: Tensor  # [B, S] long
     attention_mask: Tensor  # [B, S] bool: prompt + response
     loss_mask: Tensor  # [B, S] bool: response tokens only
@@ -39,21 +43,26 @@ class PackedBatch:
             out[i, :n] = per_position[i, p:p + n]
         return out
 
-    def select(self, idx: Sequence[int]) -> PackedBatch:
+    @property
+    def seq_lens(self) -> list[int]:
+        """Real tokens (prompt + response) per row: what a micro-batch or a DP rank computes when packed."""
+        return [p + n for p, n in zip(self.prompt_lens, self.response_lens)]
+
+    def select(self, idx: Sequence[int]) -> PaddedBatch:
         """Rows ``idx`` (for mini-batches), trimmed to their own longest row."""
         ix = torch.as_tensor(list(idx), dtype=torch.long)
         s = max(self.prompt_lens[i] + self.response_lens[i] for i in idx)
-        return PackedBatch(self.input_ids[ix, :s], self.attention_mask[ix, :s], self.loss_mask[ix, :s],
+        return PaddedBatch(self.input_ids[ix, :s], self.attention_mask[ix, :s], self.loss_mask[ix, :s],
                            [self.prompt_lens[i] for i in idx], [self.response_lens[i] for i in idx])
 
 
-def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-         multiple_of: int = 1) -> PackedBatch:
+def pad_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+              multiple_of: int = 1) -> PaddedBatch:
     """Right-pad ``prompt + response`` rows to one length (rounded up to ``multiple_of``)."""
     if len(prompts) != len(responses):
-        raise ValueError(f"pack: {len(prompts)} prompts but {len(responses)} responses")
+        raise ValueError(f"pad_batch: {len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
-        raise ValueError("pack: empty batch")
+        raise ValueError("pad_batch: empty batch")
     lens = [len(p) + len(r) for p, r in zip(prompts, responses)]
     s = max(lens)
     s = -(-s // multiple_of) * multiple_of
@@ -64,7 +73,7 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
         ids[i, :len(p) + len(r)] = torch.as_tensor(list(p) + list(r), dtype=torch.long)
         attn[i, :len(p) + len(r)] = True
         loss[i, len(p):len(p) + len(r)] = True
-    return PackedBatch(ids, attn, loss, [len(p) for p in prompts], [len(r) for r in responses])
+    return PaddedBatch(ids, attn, loss, [len(p) for p in prompts], [len(r) for r in responses])
 
 
 def pad_response_tensors(rows: Sequence[Sequence[float]], dtype: torch.dtype = torch.float32,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from megatron_scpo.trainer.batching import PackedBatch
+from megatron_scpo.trainer.batching import PaddedBatch
 
 
 def _params(policy: Any) -> list[torch.Tensor]:
@@ -59,14 +59,14 @@ class ReferencePolicy:
         return ref
 
     @torch.no_grad()
-    def logprobs(self, rt: Any, packed: PackedBatch, temperature: float) -> torch.Tensor:
-        """Reference log-probs ``[B, S]`` of ``packed`` (swap in, forward, swap back even on error)."""
+    def logprobs(self, rt: Any, padded: PaddedBatch, temperature: float) -> torch.Tensor:
+        """Reference log-probs ``[B, S]`` of ``padded`` (swap in, forward, swap back even on error)."""
         params = _params(rt.policy)
         for p, w, park in zip(params, self.weights, self._parked):
             park.copy_(p)
             p.copy_(w)
         try:
-            return rt.logprobs(packed, temperature=temperature)
+            return rt.logprobs(padded, temperature=temperature)
         finally:
             for p, park in zip(params, self._parked):
                 p.copy_(park)

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from megatron_scpo.trainer.batching import PackedBatch, pack, pad_response_tensors
+from megatron_scpo.backend.packing import balanced_partition
+from megatron_scpo.trainer.batching import PaddedBatch, pad_batch, pad_response_tensors
 from megatron_scpo.trainer.metrics import PhaseTimer
 from megatron_scpo.trainer.runtime import Runtime, broadcast_object
 
@@ -259,8 +260,8 @@ def make_scorer(rt: Runtime, micro_batch: int) -> Any:
         out: list[float] = []
         for i in range(0, len(seqs), micro_batch):
             chunk = seqs[i:i + micro_batch]
-            packed = pack(chunk, [[] for _ in chunk], rt.pad_id)
-            lp = rt.logprobs(packed, temperature=1.0, micro_batch_size=micro_batch)
+            padded = pad_batch(chunk, [[] for _ in chunk], rt.pad_id)
+            lp = rt.logprobs(padded, temperature=1.0, micro_batch_size=micro_batch)
             for j, pos in enumerate(positions[i:i + micro_batch]):
                 out.append(float(lp[j, torch.as_tensor(pos, dtype=torch.long)].sum()) if pos else 0.0)
         return out
@@ -365,13 +366,16 @@ TRAIN_METRIC_NAMES = {"clip_frac_low": "clip/frac_low", "clip_frac_high": "clip/
                       "nonfinite_loss": "train/nonfinite_loss", "nonfinite_grad_norm": "train/nonfinite_grad_norm"}
 
 
-def train_on(rt: Runtime, packed: PackedBatch, tensors: dict[str, torch.Tensor], loss: str,
+def train_on(rt: Runtime, padded: PaddedBatch, tensors: dict[str, torch.Tensor], loss: str,
              loss_kwargs: dict[str, Any], mini_batches: int, micro_batch_size: int,
              sample_mask: torch.Tensor | None = None) -> dict[str, float]:
     """``mini_batches`` optimizer steps over consecutive slices of the batch; metrics averaged over them.
 
-    With data parallelism each DP rank trains on every dp-th row of the slice (the backend all-reduces
-    gradients and normalizes the loss over the global token count).
+    With data parallelism the slice's rows are split over the DP ranks in equal counts balanced by token
+    count (``backend.packing.balanced_partition``, LPT; verl balances DP ranks by sequence length too), and
+    the backend all-reduces gradients and normalizes the loss over the global token count, so the split
+    changes no number beyond float summation order. Micro-batches inside a rank are the backend's
+    (``parallel.packed_sequences``, ``parallel.max_tokens_per_micro_batch``).
 
     ``sample_mask`` [B] bool (e.g. DAPO overlong filtering): rows outside it stay in the batch but leave
     the loss mask, so they add nothing to the loss numerator, its denominator (tokens for token-mean,
@@ -382,12 +386,13 @@ def train_on(rt: Runtime, packed: PackedBatch, tensors: dict[str, torch.Tensor],
     than ``mini_batches * dp`` rows, it is cut into ``max(1, B // dp)`` mini-batches, and a slice with fewer
     rows than DP ranks is padded with fully masked copies of its first row.
     """
-    B = packed.input_ids.shape[0]
+    B = padded.input_ids.shape[0]
     info = getattr(rt.policy, "info", None)
     dp, dp_rank = (info.dp, info.dp_rank) if info is not None else (1, 0)
     n_mb = min(mini_batches, max(1, B // dp))
     bounds = [round(i * B / n_mb) for i in range(n_mb + 1)]
-    loss_mask = packed.loss_mask if sample_mask is None else packed.loss_mask & sample_mask.bool()[:, None]
+    seq_lens = padded.seq_lens
+    loss_mask = padded.loss_mask if sample_mask is None else padded.loss_mask & sample_mask.bool()[:, None]
     agg: dict[str, float] = {}
     skipped = empty = 0
     steps: list[dict[str, Any]] = []
@@ -397,9 +402,11 @@ def train_on(rt: Runtime, packed: PackedBatch, tensors: dict[str, torch.Tensor],
             empty += 1
             continue
         n_pad = max(0, dp - len(rows))
-        padded, is_pad = rows + [rows[0]] * n_pad, [False] * len(rows) + [True] * n_pad
-        idx, pad = padded[dp_rank::dp], torch.tensor(is_pad[dp_rank::dp], dtype=torch.bool)
-        sub = packed.select(idx)
+        cand, is_pad = rows + [rows[0]] * n_pad, [False] * len(rows) + [True] * n_pad
+        # DP ranks get equal row counts balanced by tokens (LPT), not every dp-th row in arrival order
+        part = balanced_partition([seq_lens[i] for i in cand], dp, equal_size=True)[dp_rank]
+        idx, pad = [cand[j] for j in part], torch.tensor([is_pad[j] for j in part], dtype=torch.bool)
+        sub = padded.select(idx)
         s = sub.input_ids.shape[1]
         batch = {"input_ids": sub.input_ids, "attention_mask": sub.attention_mask,
                  "loss_mask": loss_mask[idx, :s] & ~pad[:, None]}
@@ -453,10 +460,11 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
         return {**col.metrics, **timer.metrics(), "train/num_tokens": 0.0, "weight_version": rt.weight_version,
                 "data/prompt_ids": prompt_ids}
     segs = segment(rt, r)
-    packed = pack(r.prompt_ids, r.response_ids, rt.pad_id)
+    pos_before = dict(getattr(rt.policy, "position_stats", {}))
+    padded = pad_batch(r.prompt_ids, r.response_ids, rt.pad_id)
     T = cfg.rollout.temperature
     with timer.phase("old_logprob"):
-        old_lp = rt.logprobs(packed, temperature=T)
+        old_lp = rt.logprobs(padded, temperature=T)
     importance = None
     imp_metrics: dict[str, float] = {}
     if method.needs_importance:
@@ -465,10 +473,10 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
     out = method.compute(grouped(r, segs, importance))
     adv = out.advantages
     sample_mask = ~torch.tensor(r.truncated, dtype=torch.bool) if cfg.rl.overlong_filter else None
-    rollout_lp = packed.scatter(pad_response_tensors(r.rollout_logprobs))
-    diff = (rollout_lp - old_lp).abs()[packed.loss_mask]
+    rollout_lp = padded.scatter(pad_response_tensors(r.rollout_logprobs))
+    diff = (rollout_lp - old_lp).abs()[padded.loss_mask]
     tensors = {
-        "advantages": packed.scatter(adv.to(torch.float32)),
+        "advantages": padded.scatter(adv.to(torch.float32)),
         "old_logprobs": old_lp.detach(),
         "eps_low": out.eps_low.to(torch.float32),
         "eps_high": out.eps_high.to(torch.float32),
@@ -480,13 +488,13 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
         if ref is None:
             raise RuntimeError("algo.loss.kl_coef > 0 but no reference policy was set up (rt.extra['reference'])")
         with timer.phase("ref_logprob"):
-            tensors["ref_logprobs"] = ref.logprobs(rt, packed, temperature=T)
+            tensors["ref_logprobs"] = ref.logprobs(rt, padded, temperature=T)
         loss_kwargs["kl_coef"] = cfg.algo.loss.kl_coef
     if cfg.algo.loss.tis_cap is not None:  # truncated importance sampling: rollout vs trainer log-probs
         tensors["rollout_logprobs"] = rollout_lp
         loss_kwargs["tis_cap"] = cfg.algo.loss.tis_cap
     with timer.phase("train"):
-        train_m = train_on(rt, packed, tensors, "policy", loss_kwargs, cfg.rl.mini_batches, cfg.rl.micro_batch_size,
+        train_m = train_on(rt, padded, tensors, "policy", loss_kwargs, cfg.rl.mini_batches, cfg.rl.micro_batch_size,
                            sample_mask=sample_mask)
     with timer.phase("sync"):
         sync_m = rt.sync_weights()
@@ -513,7 +521,11 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
         if rt.is_main:
             print(f"[rl] step {step}: {', '.join(what) or 'non-finite loss'}: {skipped} optimizer step(s) skipped",
                   flush=True)
-    n_tok = sum(packed.response_lens)
+    n_tok = sum(padded.response_lens)
+    pos = {k: v - pos_before.get(k, 0) for k, v in getattr(rt.policy, "position_stats", {}).items()}
+    if pos.get("computed_positions"):  # every backend pass of the step (old/ref log-probs, importance, train)
+        metrics["perf/padding_efficiency"] = pos["real_tokens"] / pos["computed_positions"]
+        metrics["perf/padded_layout_efficiency"] = pos["real_tokens"] / max(pos["padded_positions"], 1)
     metrics.update(timer.metrics())
     metrics["perf/train_tokens_per_s"] = n_tok / max(timer.seconds.get("train", 0.0), 1e-9)
     metrics["weight_version"] = rt.weight_version

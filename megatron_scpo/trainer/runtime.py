@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_scpo.config import ExperimentConfig
-from megatron_scpo.trainer.batching import PackedBatch
+from megatron_scpo.trainer.batching import PaddedBatch
 from megatron_scpo.trainer.checkpoint import CheckpointManager
 from megatron_scpo.trainer.metrics import MetricsLogger
 
@@ -109,7 +109,7 @@ class Runtime:
 
         return encode_rendered(text, self.cfg.data.template, self.tokenizer, max_tokens=self.cfg.data.max_prompt_tokens)
 
-    def logprobs(self, packed: PackedBatch, temperature: float, micro_batch_size: int | None = None) -> torch.Tensor:
+    def logprobs(self, packed: PaddedBatch, temperature: float, micro_batch_size: int | None = None) -> torch.Tensor:
         """Trainer log-probs ``[B, S]`` of a packed batch (collective over model-parallel ranks)."""
         mbs = micro_batch_size or self.cfg.rl.micro_batch_size
         return self.policy.compute_logprobs(packed.input_ids, packed.attention_mask, temperature=temperature,
@@ -117,9 +117,13 @@ class Runtime:
 
     def train_step(self, batch: dict[str, torch.Tensor], loss: str, loss_kwargs: dict[str, Any],
                    micro_batch_size: int) -> dict[str, float]:
-        """One optimizer step; the micro-batch is the largest divisor of the batch <= ``micro_batch_size``."""
+        """One optimizer step; the micro-batch is the largest divisor of the batch <= ``micro_batch_size``
+        (padded layout), or ``micro_batch_size`` rows, the last micro-batch shorter (packed: no shape to keep)."""
         b = int(batch["input_ids"].shape[0])
-        mbs = max(d for d in range(1, min(b, micro_batch_size) + 1) if b % d == 0)
+        if getattr(self.policy, "packed", False):
+            mbs = min(b, micro_batch_size)
+        else:
+            mbs = max(d for d in range(1, min(b, micro_batch_size) + 1) if b % d == 0)
         self.policy.micro_batch_size = mbs
         # NaN/inf logits (scpo_kernels.NonFiniteError) become a NaN loss inside the backend, which then skips
         # the step on every rank with nonfinite_loss=1; a NaN/inf gradient norm gives nonfinite_grad_norm=1.
@@ -152,11 +156,11 @@ class Runtime:
     def post_sync_check(self, seqs: list[tuple[list[int], int]]) -> dict[str, float]:
         """Engine and trainer score the same sequences; the max |diff| must stay under the tolerance."""
         from megatron_scpo.rollout.check import check_logprobs
-        from megatron_scpo.trainer.batching import pack
+        from megatron_scpo.trainer.batching import pad_batch
 
         ids = [s for s, _ in seqs]
         plens = [p for _, p in seqs]
-        packed = pack([s[:p] for s, p in seqs], [s[p:] for s, p in seqs], self.pad_id)
+        packed = pad_batch([s[:p] for s, p in seqs], [s[p:] for s, p in seqs], self.pad_id)
         trainer_lp = packed.gather(self.logprobs(packed, temperature=1.0))
         trainer_rows = [trainer_lp[i, :n].tolist() for i, n in enumerate(packed.response_lens)]
         out: dict[str, float] = {}

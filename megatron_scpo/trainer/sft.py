@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from megatron_scpo.trainer.batching import pack
+from megatron_scpo.trainer.batching import pad_batch
 from megatron_scpo.trainer.metrics import PhaseTimer, progress
 from megatron_scpo.trainer.preempt import Preempted, StopRequest
 from megatron_scpo.trainer.rl import TRAIN_METRIC_NAMES, generate_rollouts, sampling_params
@@ -115,7 +115,7 @@ def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int
         info = getattr(rt.policy, "info", None)
         if info is not None and info.dp > 1:  # each data-parallel rank takes every dp-th sequence
             idx = idx[info.dp_rank::info.dp]
-        packed = pack([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], rt.pad_id)
+        packed = pad_batch([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], rt.pad_id)
         batch = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
                  "loss_mask": packed.loss_mask}
         with timer.phase("train"):

@@ -29,14 +29,14 @@ def _k3(d: float) -> float:
 def _worker(rank: int, world: int, out: str) -> None:
     import torch
 
-    from megatron_scpo.trainer.batching import pack
+    from megatron_scpo.trainer.batching import pad_batch
     from megatron_scpo.trainer.rl import train_on
     from megatron_scpo.trainer.runtime import Runtime
 
     pol = make_policy("qwen3", mbs=1, lr=0.0)  # lr 0: every call sees the same weights (ratio 1)
     rt = SimpleNamespace(policy=pol)
     rt.train_step = lambda batch, loss, kw, mbs: Runtime.train_step(rt, batch, loss, kw, mbs)
-    packed = pack([[5, 6, 7, 8], [9, 10, 11, 12]], [list(range(20, 24)), list(range(30, 42))], pad_id=0)
+    packed = pad_batch([[5, 6, 7, 8], [9, 10, 11, 12]], [list(range(20, 24)), list(range(30, 42))], pad_id=0)
     finished_adv, truncated_adv = 1.0, -1.0  # the truncated one graded wrong; zeroed in the "old" run
     old = pol.compute_logprobs(packed.input_ids, packed.attention_mask)
     B, S = packed.input_ids.shape

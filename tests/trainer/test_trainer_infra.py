@@ -136,9 +136,9 @@ def test_rejection_selection_rules():
 
 
 def test_pack_scatter_gather_roundtrip():
-    from megatron_scpo.trainer.batching import pack, pad_response_tensors
+    from megatron_scpo.trainer.batching import pad_batch, pad_response_tensors
 
-    b = pack([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
+    b = pad_batch([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
     assert b.input_ids.tolist() == [[1, 2, 4, 5, 6], [3, 7, 0, 0, 0]]
     assert b.loss_mask.tolist() == [[False, False, True, True, True], [False, True, False, False, False]]
     per_tok = pad_response_tensors([[0.1, 0.2, 0.3], [0.4]])

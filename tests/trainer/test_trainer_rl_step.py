@@ -96,7 +96,7 @@ def _kl_steps(rt, cfg, records, start) -> dict:
     import torch
 
     from megatron_scpo.algo.registry import build_method
-    from megatron_scpo.trainer.batching import pack
+    from megatron_scpo.trainer.batching import pad_batch
     from megatron_scpo.trainer.reference import ReferencePolicy
     from megatron_scpo.trainer.rl import rl_step
     from megatron_scpo.trainer.run import algo_for
@@ -110,7 +110,7 @@ def _kl_steps(rt, cfg, records, start) -> dict:
     # the swap leaves the trained weights live and the reference frozen at the start weights
     params = list(rt.policy.modules()[0].parameters())
     moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(params, start))
-    packed = pack([[1, 5, 6, 7]], [[8, 9, 10]], rt.pad_id)
+    packed = pad_batch([[1, 5, 6, 7]], [[8, 9, 10]], rt.pad_id)
     live = rt.logprobs(packed, 1.0)
     ref_lp = ref.logprobs(rt, packed, 1.0)
     assert torch.equal(live, rt.logprobs(packed, 1.0)), "reference swap did not restore the live weights"

@@ -233,10 +233,10 @@ def test_dynamic_sampling_config_keys():
 
 def test_train_on_masks_rows_and_skips_empty_minibatches():
     """Overlong-filtered rows leave the loss mask; a mini-batch with no loss token left is not stepped."""
-    from megatron_scpo.trainer.batching import pack
+    from megatron_scpo.trainer.batching import pad_batch
     from megatron_scpo.trainer.rl import train_on
 
-    packed = pack([[1, 2]] * 4, [[3, 4], [5], [6, 7, 8], [9]], pad_id=0)
+    packed = pad_batch([[1, 2]] * 4, [[3, 4], [5], [6, 7, 8], [9]], pad_id=0)
     seen = []
     rt = SimpleNamespace(policy=SimpleNamespace(info=SimpleNamespace(dp=1, dp_rank=0)),
                          train_step=lambda b, *a: seen.append(b["loss_mask"].clone()) or {"loss": 1.0})
