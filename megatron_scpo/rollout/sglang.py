@@ -314,12 +314,7 @@ class SGLangEngine:
         ``WeightSyncError`` naming it. A restarted server also left the distributed weight-update group: the group
         is torn down so that the next sync builds it again with every worker.
         """
-        stale = []
-        for url in self.worker_urls:
-            info = self._call(url, "/model_info", method="GET")
-            got = info.get("weight_version") if isinstance(info, dict) else None
-            if parse_weight_version(got) != self.weight_version:
-                stale.append((url, got))
+        stale = self._stale_workers()
         if not stale:
             return
         if self._pg is not None:
@@ -338,6 +333,16 @@ class SGLangEngine:
             self._check_success(self._call(url, "/update_weights_from_disk", payload, retries=0), "update_weights_from_disk")
             self._call(url, "/flush_cache", None, retry_statuses=RETRY_STATUSES | {400})
         self._check_version(self.weight_version)
+
+    def _stale_workers(self) -> list[tuple[str, Any]]:
+        """(url, reported version) of every worker whose weight_version is not the engine's."""
+        stale = []
+        for url in self.worker_urls:
+            info = self._call(url, "/model_info", method="GET")
+            got = info.get("weight_version") if isinstance(info, dict) else None
+            if parse_weight_version(got) != self.weight_version:
+                stale.append((url, got))
+        return stale
 
     def _reset_weight_group(self) -> None:
         for url in self.worker_urls:
@@ -499,6 +504,8 @@ class SGLangEngine:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise WeightSyncError(f"update_weights: version must be an int >= 0, got {version!r}")
         mode = self.cfg.weight_sync
+        if mode == "distributed" and self._pg is not None and self._stale_workers():
+            self._reset_weight_group()  # a restarted server left the group: broadcasts to it would hang
         try:
             self.pause()
             buckets = bucket_named_tensors(named_tensors, int(self.cfg.weight_bucket_mb * 2**20))

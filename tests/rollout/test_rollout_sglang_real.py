@@ -274,11 +274,22 @@ def test_killed_server_retries_then_names_url_restart_restores_weights(real):
     assert r.json()["success"]
     out = eng.generate(PROMPTS, 1, GREEDY)
     assert [g[0].token_ids for g in out] == _greedy_ref(real.model(), PROMPTS)
+    # the restarted server joins a fresh gloo weight-update group: a distributed sync reaches both servers
+    new = real_tiny_llama(seed=13)
+    eng.cfg.weight_sync = "distributed"
+    eng.update_weights(list(new.state_dict().items()), v + 1)
+    for u in eng.worker_urls:
+        assert requests.get(u + "/model_info", timeout=30).json()["weight_version"] == str(v + 1)
+    assert [g[0].token_ids for g in eng.generate(PROMPTS, 1, GREEDY)] == _greedy_ref(new, PROMPTS)
+    eng.cfg.weight_sync = "disk"  # back to a disk copy of the live version for the tests that follow
+    eng.update_weights(list(new.state_dict().items()), v + 2)
+    real.models[v + 1] = real.models[v + 2] = new
     # without a disk copy (tensor/distributed sync) a stale server is refused, naming it
     attach = SGLangEngine(dataclasses.replace(eng.cfg, weight_sync="distributed", model_path=None), [real.url],
                           vocab_size=VOCAB)
     attach.weight_version = v + 5
-    with pytest.raises(WeightSyncError, match=f"{real.url}: server runs weight version '{v}', the engine is on {v + 5}"):
+    with pytest.raises(WeightSyncError,
+                       match=f"{real.url}: server runs weight version '{v + 2}', the engine is on {v + 5}"):
         attach.generate(PROMPTS, 1, GREEDY)
 
 
