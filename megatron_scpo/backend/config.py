@@ -28,7 +28,7 @@ class ParallelConfig:
     # pass of the run (RL old/ref log-probs, SCPO importance scoring, policy and SFT steps) concatenates a
     # micro-batch's sequences into one row with no padding between them; attention never crosses a sequence
     # boundary and RoPE positions restart at 0 per sequence. Same numbers as the padded layout (tested, fp32).
-    packed_sequences: bool = False
+    packed_sequences: bool = True
     # Token budget per micro-batch (verl use_dynamic_bsz, slime --max-tokens-per-gpu): real tokens (prompt +
     # response) per micro-batch, rows balanced over the fewest micro-batches that fit it. Replaces the
     # sequence count of the section's micro_batch_size (rl / sft / rejection_sft) in every backend pass.
