@@ -33,30 +33,41 @@ import torch
 from torch import Tensor
 
 
-def balanced_partition(lengths: Sequence[int], k: int, equal_size: bool = False) -> list[list[int]]:
+def balanced_partition(lengths: Sequence[int], k: int, equal_size: bool = False,
+                       max_size: int | None = None) -> list[list[int]]:
     """Split item indices into ``k`` parts with near-equal sums of ``lengths`` (LPT greedy).
 
-    Items are taken longest first and each goes to the part with the smallest sum so far (ties: the lower
-    part index, so the result is deterministic and identical on every rank). With ``equal_size`` every part
-    gets ``len // k`` or ``len // k + 1`` items (a part that is full is skipped). LPT's largest sum is at most
-    4/3 of the optimum (Graham 1969); verl uses Karmarkar-Karp for the same job (``seqlen_balancing.py``).
-    Each part lists its indices in ascending order. Raises ValueError for k < 1.
+    Items are taken longest first and each goes to the part with the smallest sum so far that still has room
+    (ties: the lower part index, so the result is deterministic and identical on every rank). ``equal_size``:
+    every part gets ``len // k`` or ``len // k + 1`` items (any part may be one of the larger ones);
+    ``max_size``: at most that many items per part. LPT's largest sum is at most 4/3 of the optimum (Graham
+    1969); verl uses Karmarkar-Karp for the same job (``seqlen_balancing.py``). Each part lists its indices in
+    ascending order. Raises ValueError for k < 1 or parts too small to hold every item.
     """
     if k < 1:
         raise ValueError(f"balanced_partition: k must be >= 1, got {k}")
     n = len(lengths)
-    cap = [n // k + (1 if i < n % k else 0) for i in range(k)] if equal_size else [n] * k
+    lo, extra = divmod(n, k)
+    cap = lo + (1 if extra else 0) if equal_size else n
+    if max_size is not None:
+        cap = min(cap, max_size)
+    if cap * k < n:
+        raise ValueError(f"balanced_partition: {n} items do not fit {k} parts of at most {cap}")
     parts: list[list[int]] = [[] for _ in range(k)]
     heap = [(0, i) for i in range(k)]  # (sum, part)
+    at_hi = 0  # equal_size: parts that already hold lo + 1 items (at most ``extra`` of them)
     order = sorted(range(n), key=lambda i: (-int(lengths[i]), i))
     for item in order:
         full = []
         while True:
             load, p = heapq.heappop(heap)
-            if len(parts[p]) < cap[p]:
+            size = len(parts[p])
+            if size < cap and not (equal_size and size >= lo and at_hi >= extra):
                 break
             full.append((load, p))
         parts[p].append(item)
+        if equal_size and len(parts[p]) == lo + 1:
+            at_hi += 1
         heapq.heappush(heap, (load + int(lengths[item]), p))
         for f in full:
             heapq.heappush(heap, f)

@@ -34,7 +34,12 @@ from megatron_scpo.algo import losses as algo_losses
 from megatron_scpo.backend import logprobs as lpmod
 from megatron_scpo.backend.config import ParallelConfig
 from megatron_scpo.backend.model import build_model, parse_hf_config, te_available, unwrap
-from megatron_scpo.backend.packing import block_causal_mask, pack_rows, token_budget_micro_batches
+from megatron_scpo.backend.packing import (
+    balanced_partition,
+    block_causal_mask,
+    pack_rows,
+    token_budget_micro_batches,
+)
 from megatron_scpo.backend.parallel import init_parallel
 
 CKPT_META = "scpo_backend_meta.json"
@@ -163,13 +168,21 @@ class MegatronPolicy:
         return [{k: v[i : i + mbs] for k, v in tensors.items()} for i in range(0, b, mbs)]
 
     def _plan(self, attention_mask: torch.Tensor, mbs: int) -> list[list[int]]:
-        """Row indices of each micro-batch: a token budget (balanced) or consecutive runs of ``mbs`` rows."""
+        """Row indices of each micro-batch.
+
+        Token budget: the fewest micro-batches that fit it, balanced by tokens. Packed without a budget:
+        ceil(B / mbs) micro-batches of at most ``mbs`` rows balanced by tokens (LPT; under PP every micro-batch
+        is padded to the longest, so balance is what keeps that padding small). Padded: runs
+        of ``mbs`` consecutive rows (as before packing existed).
+        """
         b = attention_mask.shape[0]
+        lengths = attention_mask.to(torch.int64).sum(-1).tolist()
         if self.max_tokens is not None:
-            lengths = attention_mask.to(torch.int64).sum(-1).tolist()
             # interleaved 1F1B wants the micro-batch count a multiple of PP (megatron checks it)
             mult = self.parallel.pp if self.parallel.vpp > 1 else 1
             return token_budget_micro_batches(lengths, self.max_tokens, multiple_of=mult)
+        if self.packed:
+            return balanced_partition(lengths, -(-b // mbs), max_size=mbs)
         return [list(range(i, min(i + mbs, b))) for i in range(0, b, mbs)]
 
     def _packed_micro_batches(self, tensors: dict[str, torch.Tensor], plan: list[list[int]]) -> list[dict[str, Any]]:
