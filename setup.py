@@ -37,6 +37,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "champ-dataset>=1.0"],  # CHAMP: real-data tests
         "triton": ["triton>=3.2"],
+        "bench": ["trl>=1.16"],  # benchmarks/bench_rl_step.py: our RL step vs TRL's GRPOTrainer (pulls datasets)
         "gpu": ["flash-attn", "sglang[all]>=0.4.6", "sglang-router", "triton>=3.2"],
     },
     entry_points={"console_scripts": ["scpo=megatron_scpo.cli:main"]},

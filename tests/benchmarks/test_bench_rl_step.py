@@ -58,14 +58,17 @@ def test_tiny_run_prints_both_parts(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)
-    assert "Padding efficiency" in proc.stdout and "RL step on CPU" in proc.stdout
+    assert "Padding efficiency" in proc.stdout and "RL step on CPU" in proc.stdout and "padded vs packed" in proc.stdout
     res = json.loads(out.read_text())
     assert 0 < res["padding"]["rows"][0]["padded"] < res["padding"]["rows"][0]["packed_pp1"] <= 1.0
     med = res["step"]["median"]
-    assert med["ours"]["step"] > 0 and med["ours"]["response_tokens"] == 2 * 4 * 12
+    ours = med["ours_packed"]
+    assert ours["step"] > 0 and ours["response_tokens"] == 2 * 4 * 12
     if res["step"]["skipped_trl"]:
         assert "TRL half skipped" in proc.stdout
     else:
-        assert med["trl"]["response_tokens"] == med["ours"]["response_tokens"]  # equal work
-        assert med["trl"]["prompt_tokens"] == med["ours"]["prompt_tokens"]
-        assert "ours/TRL" in proc.stdout
+        assert med["trl"]["response_tokens"] == ours["response_tokens"]  # equal work
+        assert med["trl"]["prompt_tokens"] == ours["prompt_tokens"]
+        assert "ours_packed/trl time" in proc.stdout
+    packed = res["packed"]["median"]  # part 3: the same long-tailed batch, padded vs packed
+    assert packed["padded"]["tokens"] == packed["packed"]["tokens"]
