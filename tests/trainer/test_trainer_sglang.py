@@ -310,7 +310,7 @@ def real_server(tmp_path_factory):
         eng = SGLangEngine(SGLangConfig(**real_server_kwargs(hf_dir, python=python, log_dir=str(root / "logs"))))
         pids = process_tree(eng.server_pids[0])
         try:
-            yield root, eng.worker_urls[0]
+            yield root, eng.worker_urls[0], pids
         finally:
             eng.shutdown()
             from sglang_real import pids_alive
@@ -326,7 +326,7 @@ def test_rl_steps_against_real_sglang(real_server):
     SGLangEngine restores the server to the run's version-0 checkpoint before its first rollout."""
     from dist_utils import spawn
 
-    root, url = real_server
+    root, url, _ = real_server
     res = {}
     for world in (1, 2):
         out = root / f"tp{world}.json"
@@ -350,3 +350,70 @@ def test_rl_steps_against_real_sglang(real_server):
         assert r["greedy_versions"] == [2] and all(len(g) > 1 for g in r["greedy"]), r
         assert r["greedy"] == r["greedy_ref"], (world, r["greedy"], r["greedy_ref"])
         assert r["disk_dirs"] == [], r  # step 0's weights_v1 is removed once step 1 (gloo) passed its version check
+
+
+def _kill_worker(rank: int, world: int, out_path: str, run_dir: str, url: str, server_pids: list[int]) -> None:
+    """One RL step (disk sync), a checkpoint, then the server is SIGKILLed as the next step's rollout starts."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import megatron_scpo.data.answers as answers
+    from megatron_scpo.algo.registry import build_method
+    from megatron_scpo.data.datasets import PromptIterator, load_split
+    from megatron_scpo.rollout.base import RolloutServerError
+    from megatron_scpo.trainer.rl import rl_step
+    from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
+
+    quiet_warnings()
+    answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0
+    run = Path(run_dir)
+    cfg = _real_cfg(url, str(run / "sync"))
+    rt = build_runtime(cfg, run)
+    records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)
+    method = build_method(algo_for(cfg, "grpo"))
+    m = rl_step(rt, method, records, step=0, seed=5)
+    saved = rt.ckpt.save(1, {"weight_version": rt.weight_version}, rt.policy.save_checkpoint)
+
+    def kill() -> None:
+        for p in server_pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    res: dict = {"step0_version": m["weight_version"], "saved": saved.name}
+    timer = threading.Timer(0.2, kill)
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        rl_step(rt, method, records, step=1, seed=6)
+        res["error"] = None
+    except RolloutServerError as e:
+        res["error"] = str(e)
+    res["fail_s"] = time.monotonic() - t0
+    timer.join()
+    latest = rt.ckpt.latest()
+    res["latest"] = latest.name if latest else None
+    res["state"] = rt.ckpt.load(latest, load_model=rt.policy.load_checkpoint)  # loads: the checkpoint is intact
+    res["disk_dirs"] = sorted(d.name for d in (run / "sync").iterdir())
+    with open(out_path, "w") as f:
+        json.dump(res, f)
+
+
+@pytest.mark.distributed
+def test_server_killed_mid_training_names_url_checkpoint_intact(real_server):
+    """Runs last (it kills the module's server): the step fails after the retries with an error naming the URL;
+    the checkpoint written before it loads, and the live disk-sync dir (weights_v1) is still there."""
+    from dist_utils import spawn
+
+    root, url, pids = real_server
+    out = root / "kill.json"
+    spawn(_kill_worker, world_size=1, args=(str(out), str(root / "run_kill"), url, pids))
+    r = json.loads(out.read_text())
+    assert r["step0_version"] == 1 and r["error"] is not None, r
+    assert r["error"].startswith(f"{url}/") and "failed after 2 attempt(s): connection failed" in r["error"], r
+    assert r["latest"] == r["saved"] == "step_000001" and r["state"]["weight_version"] == 1, r
+    assert r["disk_dirs"] == ["weights_v1"], r
+    print(f"[sglang-real] server killed mid-training: error after {r['fail_s']:.2f} s: {r['error'][:120]}")
