@@ -224,15 +224,16 @@ def packed_dot_product_attention() -> type:
 
     The local core attention asserts ``packed_seq_params is None`` (megatron supports THD only through
     ``TEDotProductAttention``). With ``qkv_format == "thd"`` this subclass gets q/k/v as ``[T, heads, dim]``
-    (already rotated per sequence by ``apply_rotary_pos_emb`` with ``cu_seqlens``), views them as
-    ``[T, 1, heads, dim]`` and runs the unchanged local attention with the block-diagonal causal mask of
-    ``cu_seqlens`` (the caller's ``attention_mask`` when given, else built here): exactly TE's THD
-    attention, computed densely (O(T^2) memory: a CPU/test path, not for long rows). Output ``[T, 1, h]``,
+    (already rotated per sequence by ``apply_rotary_pos_emb`` with ``cu_seqlens``), regroups them by sequence
+    into ``[L, n, heads, dim]`` (``packing.segment_grid``; n sequences, L the longest, zeros after each end) and
+    runs the unchanged local attention with megatron's causal mask: exactly the block-diagonal causal attention
+    of TE's THD kernel (a real token never sees the zeros after its sequence, which come later), at the padded
+    layout's O(n L^2) cost instead of the O(T^2) of a dense mask over the packed row. Output ``[T, 1, h]``,
     which megatron's ``Attention`` reshapes as it does TE's THD output. Without packed params: the parent.
     """
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megatron_scpo.backend.packing import block_causal_mask
+    from megatron_scpo.backend.packing import segment_grid
 
     class PackedDotProductAttention(DotProductAttention):
         def forward(self, query: Any, key: Any, value: Any, attention_mask: Any, attn_mask_type: Any = None,
@@ -240,11 +241,18 @@ def packed_dot_product_attention() -> type:
             if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
                 return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                        attention_bias=attention_bias, packed_seq_params=packed_seq_params)
-            t = query.shape[0]
-            if attention_mask is None:
-                attention_mask = block_causal_mask(packed_seq_params.cu_seqlens_q, t)
-            return super().forward(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), attention_mask,
-                                   attn_mask_type=attn_mask_type, attention_bias=attention_bias)
+            if attention_mask is not None:
+                raise ValueError("packed (thd) attention takes its boundaries from cu_seqlens, not attention_mask")
+            flat, n, length = segment_grid(packed_seq_params.cu_seqlens_q)
+            flat = flat.to(query.device)
+
+            def grid(x: Any) -> Any:  # [T, g, d] -> [L, n, g, d]
+                out = x.new_zeros((n * length,) + tuple(x.shape[1:])).index_copy(0, flat, x)
+                return out.view((n, length) + tuple(x.shape[1:])).transpose(0, 1).contiguous()
+
+            ctx = super().forward(grid(query), grid(key), grid(value), None, attn_mask_type=attn_mask_type,
+                                  attention_bias=attention_bias)  # [L, n, h]
+            return ctx.transpose(0, 1).reshape(n * length, -1).index_select(0, flat).unsqueeze(1)
 
     return PackedDotProductAttention
 

@@ -10,8 +10,9 @@ The trainer hands the backend right-padded ``[B, S]`` rows (``trainer/batching.p
   pipeline parallelism, or a multiple of TP under sequence parallelism) is one extra segment of its own, so
   no real token ever attends to it.
 - Attention never crosses a boundary: on GPU Transformer Engine's THD attention reads ``cu_seqlens``; on
-  CPU ``PackedDotProductAttention`` (the local spec's core attention, ``model.py``) applies the equivalent
-  block-diagonal causal mask (``block_causal_mask``). RoPE restarts at 0 in every sequence in both cases:
+  CPU ``PackedDotProductAttention`` (the local spec's core attention, ``model.py``) computes exactly the
+  block-diagonal causal attention (``block_causal_mask``), per sequence (``segment_grid``): q/k/v regrouped
+  as ``[L, n, heads, d]`` under megatron's causal mask, O(n L^2) instead of O(T^2). RoPE restarts at 0 in every sequence in both cases:
   megatron's ``apply_rotary_pos_emb`` splits q/k by ``cu_seqlens`` (``_apply_rotary_pos_emb_thd``; megatron's
   RoPE never reads ``position_ids``, which only feed learned absolute embeddings).
 - ``PackedRows.unpack``: per-position values of the packed row back to the ``[n, S]`` padded grid
@@ -113,6 +114,21 @@ def block_causal_mask(cu_seqlens: Tensor, total: int) -> Tensor:
     pos = torch.arange(total, device=cu_seqlens.device)
     allowed = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
     return (~allowed)[None, None]
+
+
+def segment_grid(cu_seqlens: Tensor) -> tuple[Tensor, int, int]:
+    """Where each packed token sits in a ``[n, L]`` grid of its segments: (flat index ``[T]``, n, L).
+
+    ``flat[t] = segment(t) * L + (t - start(segment(t)))`` with n segments and L the longest. Used to run
+    the CPU attention per sequence (``model.packed_dot_product_attention``): O(n * L^2) like the padded layout,
+    not O(T^2) as a dense block-diagonal mask over the packed row would be.
+    """
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    n, length = int(lens.numel()), int(lens.max())
+    seg = torch.repeat_interleave(torch.arange(n, device=cu.device), lens)
+    pos = torch.arange(int(cu[-1]), device=cu.device) - cu[:-1][seg]
+    return seg * length + pos, n, length
 
 
 @dataclass

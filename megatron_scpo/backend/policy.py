@@ -33,10 +33,9 @@ from scpo_kernels import NonFiniteError
 from megatron_scpo.algo import losses as algo_losses
 from megatron_scpo.backend import logprobs as lpmod
 from megatron_scpo.backend.config import ParallelConfig
-from megatron_scpo.backend.model import build_model, parse_hf_config, te_available, unwrap
+from megatron_scpo.backend.model import build_model, parse_hf_config, unwrap
 from megatron_scpo.backend.packing import (
     balanced_partition,
-    block_causal_mask,
     pack_rows,
     token_budget_micro_batches,
 )
@@ -122,7 +121,6 @@ class MegatronPolicy:
             num_layers=self.arch.num_layers,
         )
         torch.manual_seed(seed)
-        self.use_te = te_available()  # the spec build_model picks: THD attention is TE's on GPU, ours on CPU
         chunks = build_model(hf_config, self.parallel, dtype)
         self.config = unwrap(chunks[0]).config
         ddp_cfg = DistributedDataParallelConfig(
@@ -261,10 +259,9 @@ class MegatronPolicy:
         mb = next(data_iterator)
         pk = mb.get("_packed")
         if pk is not None:
-            # THD: TE reads cu_seqlens; the local spec's PackedDotProductAttention takes the equivalent
-            # block-diagonal causal mask (built once here for every layer). RoPE restarts per sequence.
-            mask = None if self.use_te else block_causal_mask(pk.cu_seqlens, pk.total)
-            out = model(pk.input_ids, pk.position_ids, mask, packed_seq_params=pk.packed_seq_params())
+            # THD: TE's attention and the local spec's PackedDotProductAttention both take the sequence
+            # boundaries from cu_seqlens (no mask); RoPE restarts per sequence.
+            out = model(pk.input_ids, pk.position_ids, None, packed_seq_params=pk.packed_seq_params())
             return out, partial(loss_fn, mb)
         ids = mb["input_ids"]
         pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)

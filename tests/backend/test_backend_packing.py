@@ -20,6 +20,7 @@ from megatron_scpo.backend.packing import (
     balanced_partition,
     block_causal_mask,
     pack_rows,
+    segment_grid,
     token_budget_micro_batches,
 )
 
@@ -76,6 +77,27 @@ def test_pack_rows_unpack_roundtrip_and_mask():
     assert pack_rows(ids, am, multiple_of=4).total == 12
     with pytest.raises(ValueError, match="do not fit"):
         pack_rows(ids, am, row_len=8)
+
+
+def test_per_sequence_attention_equals_block_diagonal_mask():
+    """The CPU THD attention's regrouping (segment_grid + plain causal) == dense block-diagonal causal attention."""
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 7, 16, 17, 20], dtype=torch.int32)
+    t, h, d = 20, 3, 8
+    q, k, v = (torch.randn(t, h, d, generator=g) for _ in range(3))
+    scores = torch.einsum("thd,shd->hts", q, k).masked_fill(block_causal_mask(cu, t)[0], float("-inf"))
+    dense = torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+    flat, n, length = segment_grid(cu)
+    assert (n, length) == (5, 9) and flat.tolist()[:8] == [0, 1, 2, 3, 4, 9, 10, 18]
+
+    def grid(x):
+        return x.new_zeros(n * length, h, d).index_copy(0, flat, x).view(n, length, h, d)
+
+    qg, kg, vg = grid(q), grid(k), grid(v)
+    causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+    sg = torch.einsum("nthd,nshd->nhts", qg, kg).masked_fill(causal, float("-inf"))
+    per_seq = torch.einsum("nhts,nshd->nthd", sg.softmax(-1), vg).reshape(n * length, h, d)[flat]
+    assert (per_seq - dense).abs().max().item() < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- 2 ranks
