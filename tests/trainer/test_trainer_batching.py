@@ -27,6 +27,22 @@ def test_padded_batch_layout():
     assert sub.input_ids.shape == (2, 3) and sub.seq_lens == [2, 3]
 
 
+def test_packing_config_keys():
+    from megatron_scpo.config import load_config
+    from megatron_scpo.configlib import ConfigError
+
+    cfg = load_config(None, [])
+    assert cfg.parallel.packed_sequences is True and cfg.parallel.max_tokens_per_micro_batch is None
+    cfg = load_config(None, ["parallel.packed_sequences=false", "parallel.max_tokens_per_micro_batch=4096"])
+    assert (cfg.parallel.packed_sequences, cfg.parallel.max_tokens_per_micro_batch) == (False, 4096)
+    for bad, msg in ((["parallel.max_tokens_per_micro_batch=0"], ">= 1"),
+                     (["parallel.pp=2", "parallel.packed_sequences=false", "parallel.max_tokens_per_micro_batch=64"],
+                      "needs packed_sequences"),
+                     (["parallel.packing=true"], "unknown key")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, bad)
+
+
 def _fake_rt(dp: int, dp_rank: int, seen: list):
     def train_step(batch, loss, kw, mbs):
         seen.append(batch)
