@@ -124,8 +124,8 @@ def test_503_before_ready_retries_and_timeouts():
         n0 = gen_calls(s)
         assert len(eng.generate([[3, 4]], 1, p)[0]) == 1 and gen_calls(s) == n0 + 3
         # timeouts: every attempt times out -> error names the URL after the retry budget
-        s.delay_s = 1.0
-        eng.cfg.request_timeout_s, eng.cfg.max_retries, eng.cfg.retry_backoff_s = 0.2, 1, 0.01
+        s.delay_s = 3.0  # /generate only (the version GET before it must still answer within the timeout)
+        eng.cfg.request_timeout_s, eng.cfg.max_retries, eng.cfg.retry_backoff_s = 1.0, 1, 0.01
         with pytest.raises(RolloutServerError, match=rf"{s.url}/generate: failed after 2 attempt\(s\): timed out"):
             eng.generate([[3, 4]], 1, p)
     finally:
