@@ -1,9 +1,14 @@
 """The trainer-facing actor: megatron model + DDP + optimizer, log-prob passes, train steps, checkpoints.
 
 Batch layout (both calls): ``input_ids`` / ``attention_mask`` [B, S] **right-padded** (each mask row is
-1...1 0...0): megatron's RoPE uses positions 0..S-1, so left padding would shift positions. Under data
-parallelism every call receives *this DP rank's* part of the global batch; the TP/PP ranks of one DP replica
-must pass identical tensors.
+1...1 0...0; left padding is rejected). Under data parallelism every call receives *this DP rank's* part of
+the global batch; the TP/PP ranks of one DP replica must pass identical tensors.
+
+Packed sequences (``ParallelConfig.packed_sequences``, the default; ``backend/packing.py``): each micro-batch's
+rows are concatenated into one THD row (Megatron ``PackedSeqParams``, cu_seqlens; per-sequence RoPE positions,
+attention within each sequence only), and per-token results are put back on the [B, S] grid, so callers and
+losses see the padded layout. ``max_tokens_per_micro_batch`` sizes micro-batches by real tokens (balanced).
+Without packing: one [mbs, S] block per micro-batch, megatron's RoPE on positions 0..S-1.
 
 Loss scaling (``train_step``): the loss is the aggregate over the **global** batch (all micro-batches of all
 DP ranks), e.g. token-mean = sum of per-token terms / total response tokens, not a mean of micro-batch
