@@ -41,13 +41,15 @@ which makes it recompute the old log-probs as we do), no reference model (``kl_c
 The parent process alternates one step of each (after a warm-up step each) and reports medians; per phase:
 
 - generation: ours ``engine.generate`` (LocalEngine, KV cache); TRL ``_generate`` (``model.generate``).
+- grading: ours the rest of ``time/rollout`` (verifier on every sample + the per-token character offsets
+  that step segmentation needs); TRL its reward function call (the same verifier).
 - old log-probs: ours ``time/old_logprob`` (Megatron forward); TRL its no-grad log-prob pass.
 - train: ours ``time/train`` (Megatron fwd+bwd+Adam, every mini-batch); TRL the rest of the two optimizer
   steps (forward with grad, backward, clipping, AdamW).
 - sync (ours only): ``time/sync``, the streaming HF-named weight export into the engine + post-sync check;
   TRL generates with the model it trains, so it has no such phase.
-- other: what the step spends elsewhere (ours: grading, token offsets, segmentation, advantages, diagnostics;
-  TRL: reward function, advantages, padding, its metrics).
+- other: what the step spends elsewhere (ours: segmentation, advantages, synthetic-task diagnostics, metrics;
+  TRL: advantages, padding, its metrics).
 
 Tokens/s per phase: generated tokens / generation seconds; real (prompt + response) tokens / log-prob or
 train seconds. Target: our step >= 2x faster than TRL's at equal work; the output says by how much it is
@@ -237,7 +239,8 @@ def bench_config(a: argparse.Namespace) -> Any:
         f"rollout.max_new_tokens={a.gen_len}", f"rl.mini_batches={a.updates}",
         f"rl.micro_batch_size={a.step_prompts * a.group // a.updates}",
         *({"packed": ["parallel.packed_sequences=true", f"parallel.max_tokens_per_micro_batch={a.packed_budget}"],
-           "padded": ["parallel.packed_sequences=false", "parallel.max_tokens_per_micro_batch=null"]}
+           "padded": ["parallel.packed_sequences=false", "parallel.max_tokens_per_micro_batch=null"],
+           "packed_nobudget": ["parallel.packed_sequences=true", "parallel.max_tokens_per_micro_batch=null"]}
           .get(getattr(a, "layout", None) or "", [])),
     ])
 
@@ -312,6 +315,7 @@ def worker_ours(a: argparse.Namespace) -> None:
     from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
 
     quiet_warnings()
+    torch.set_num_threads(a.threads)
     cfg = bench_config(a)
     rt = build_runtime(cfg, Path(a.run_dir))
     timer = _Timed()
@@ -332,8 +336,8 @@ def worker_ours(a: argparse.Namespace) -> None:
         m = rl_step(rt, method, records[step * p:(step + 1) * p], step=step, seed=1000 + step)
         total = time.perf_counter() - t0
         gen = timer.s.get("generation", 0.0)
-        ph = {"generation": gen, "old_logprob": m["time/old_logprob"], "train": m["time/train"],
-              "sync": m["time/sync"]}
+        ph = {"generation": gen, "grading": m["time/rollout"] - gen, "old_logprob": m["time/old_logprob"],
+              "train": m["time/train"], "sync": m["time/sync"]}
         ph["other"] = total - sum(ph.values())
         _emit({"step": total, "phases": ph, "response_tokens": float(engine.tokens["response"]),
                "samples": float(engine.tokens["samples"]), "prompt_tokens": float(engine.tokens["prompt"]),
@@ -356,6 +360,7 @@ def worker_trl(a: argparse.Namespace) -> None:
     from megatron_scpo.data.tokenizer import load_tokenizer
     from megatron_scpo.data.verify import Grading
 
+    torch.set_num_threads(a.threads)
     cfg = bench_config(a)
     hf_dir = Path(a.run_dir) / "init_model"
     tok = load_tokenizer(hf_dir)
@@ -397,6 +402,7 @@ def worker_trl(a: argparse.Namespace) -> None:
         setattr(trainer, name, timed)
 
     wrap("_generate", trainer._generate, "generation")
+    wrap("_calculate_rewards", trainer._calculate_rewards, "reward")
     wrap("_generate_and_score_completions", trainer._generate_and_score_completions, "prepare")
     wrap("_get_per_token_logps_and_entropies", trainer._get_per_token_logps_and_entropies,
          lambda: "logps_nograd" if not torch.is_grad_enabled() else "logps_grad")
@@ -420,8 +426,9 @@ def worker_trl(a: argparse.Namespace) -> None:
                 gen = timer.s.get("generation", 0.0)
                 lp = timer.s.get("logps_nograd", 0.0)
                 prep = timer.s.get("prepare", 0.0)
-                ph = {"generation": gen, "old_logprob": lp, "train": total - prep, "sync": 0.0,
-                      "other": prep - gen - lp}
+                rew = timer.s.get("reward", 0.0)
+                ph = {"generation": gen, "grading": rew, "old_logprob": lp, "train": total - prep, "sync": 0.0,
+                      "other": prep - gen - lp - rew}
                 _emit({"step": total, "phases": ph, "response_tokens": float(gen_tokens["n"]),
                        "samples": float(gen_tokens["samples"]), "prompt_tokens": float(gen_tokens["prompt"]),
                        "updates": float(a.updates)})
@@ -444,13 +451,14 @@ class Worker:
         args = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--run-dir", str(run_dir),
                 "--step-prompts", str(a.step_prompts), "--group", str(a.group), "--gen-len", str(a.gen_len),
                 "--updates", str(a.updates), "--steps-total", str(a.steps_total),
-                "--packed-budget", str(a.packed_budget)]
+                "--packed-budget", str(a.packed_budget), "--threads", str(a.threads)]
         if kind in ("padded", "packed"):
             args += ["--long-tail", "--layout", kind]
         if kind.startswith("ours_"):
             args += ["--layout", kind[len("ours_"):]]
         args[args.index("--worker") + 1] = "trl" if kind == "trl" else "ours"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+               "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=open(self.log, "w"), text=True, cwd=str(REPO), env=env)
 
@@ -561,7 +569,7 @@ def run_step(a: argparse.Namespace) -> dict[str, Any]:
     head += " | " + " | ".join(f"{k}/trl time" for k in ours) if has_trl else ""
     print("\n" + head + " |")
     print("|---" * (1 + 2 * len(kinds) + (len(ours) if has_trl else 0)) + "|")
-    for phase in ("generation", "old_logprob", "train", "sync", "other", "step"):
+    for phase in ("generation", "grading", "old_logprob", "train", "sync", "other", "step"):
         cells = []
         for k in kinds:
             sec = med[k][phase]
@@ -574,19 +582,20 @@ def run_step(a: argparse.Namespace) -> dict[str, Any]:
         print(f"| {phase} | " + " | ".join(cells) + " |")
     if has_trl:
         summary["speedup"] = {}
-        trl_dom = max(("generation", "old_logprob", "train", "other"), key=lambda p: med["trl"][p])
+        trl_dom = max(("generation", "grading", "old_logprob", "train", "other"), key=lambda p: med["trl"][p])
         print(f"\nTRL: {med['trl']['step']:.3f} s/step, dominated by {trl_dom} "
               f"({med['trl'][trl_dom] / med['trl']['step']:.0%})")
         for k in ours:
             speedup = med["trl"]["step"] / med[k]["step"]
             summary["speedup"][k] = speedup
-            dom = max(("generation", "old_logprob", "train", "sync", "other"), key=lambda p: med[k][p])
+            dom = max(("generation", "grading", "old_logprob", "train", "sync", "other"), key=lambda p: med[k][p])
             line = (f"{k}: {med[k]['step']:.3f} s/step, dominated by {dom} ({med[k][dom] / med[k]['step']:.0%}) "
                     f"-> {speedup:.2f}x TRL's speed (TRL time / ours); target >= 2x: ")
             if speedup >= 2.0:
                 print(line + "met")
                 continue
-            gaps = {p: med[k][p] - med["trl"][p] / 2.0 for p in ("generation", "old_logprob", "train", "sync", "other")}
+            gaps = {p: med[k][p] - med["trl"][p] / 2.0
+                    for p in ("generation", "grading", "old_logprob", "train", "sync", "other")}
             print(line + f"MISSED by {2.0 / speedup:.2f}x; time over half of TRL's, per phase: "
                   + ", ".join(f"{p} +{gaps[p]:.3f} s" for p in sorted(gaps, key=lambda p: -gaps[p]) if gaps[p] > 0))
     summary["median"] = med
@@ -663,14 +672,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--timeout", type=float, default=900.0, help="seconds a worker may take to set up or step")
     s.add_argument("--no-trl", action="store_true", help="time only our step")
-    s.add_argument("--ours-layouts", nargs="+", choices=["padded", "packed"], default=["padded", "packed"],
-                   help="our step's layouts timed against TRL (packed = packed_sequences + the token budget)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker (1: on a shared machine, OpenMP teams of 2 threads stall whenever "
+                        "one thread is descheduled, which made single steps 10x slower at random)")
+    s.add_argument("--ours-layouts", nargs="+", choices=["padded", "packed", "packed_nobudget"],
+                   default=["padded", "packed"],
+                   help="our step's layouts timed against TRL (packed = packed_sequences + the token budget; "
+                        "packed_nobudget = packed rows of rl.micro_batch_size sequences each)")
     s.add_argument("--packed-budget", type=int, default=None,
                    help="part 3 max_tokens_per_micro_batch (default: 2 x the longest sequence, as 32768 for 16K)")
     p.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps-total", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--layout", choices=["padded", "packed"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--layout", choices=["padded", "packed", "packed_nobudget"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--long-tail", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker == "ours":
