@@ -52,23 +52,34 @@ def test_length_model_matches_its_parameters():
     assert 4500 < mean < 6500  # log-normal mean 6000 before the 16K cap
 
 
-def test_tiny_run_prints_both_parts(tmp_path):
+def _run(tmp_path, *parts):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--json", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--only", *parts, "--json", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)
-    assert "Padding efficiency" in proc.stdout and "RL step on CPU" in proc.stdout and "padded vs packed" in proc.stdout
-    res = json.loads(out.read_text())
+    return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_tiny_padding_and_step_vs_trl(tmp_path):
+    stdout, res = _run(tmp_path, "padding", "step")
+    assert "Padding efficiency" in stdout and "RL step on CPU" in stdout
     assert 0 < res["padding"]["rows"][0]["padded"] < res["padding"]["rows"][0]["packed_pp1"] <= 1.0
     med = res["step"]["median"]
     ours = med["ours_packed"]
     assert ours["step"] > 0 and ours["response_tokens"] == 2 * 4 * 12
     if res["step"]["skipped_trl"]:
-        assert "TRL half skipped" in proc.stdout
+        assert "TRL half skipped" in stdout
     else:
         assert med["trl"]["response_tokens"] == ours["response_tokens"]  # equal work
         assert med["trl"]["prompt_tokens"] == ours["prompt_tokens"]
-        assert "ours_packed/trl time" in proc.stdout
-    packed = res["packed"]["median"]  # part 3: the same long-tailed batch, padded vs packed
-    assert packed["padded"]["tokens"] == packed["packed"]["tokens"]
+        assert "ours_packed/trl time" in stdout
+
+
+@pytest.mark.slow
+def test_tiny_padded_vs_packed(tmp_path):
+    stdout, res = _run(tmp_path, "packed")
+    assert "padded vs packed" in stdout
+    med = res["packed"]["median"]  # the same long-tailed batch in both layouts
+    assert med["padded"]["tokens"] == med["packed"]["tokens"] and med["packed"]["step"] > 0
