@@ -2,7 +2,8 @@
 
 Only what a real server cannot do (see the stand-in's docstring): request layout and seeds, bad input that must
 send nothing, injected 4xx/5xx, 503 before ready, timeouts, tensor sync, a rejected bucket. Everything else runs
-against real servers in test_rollout_sglang_real.py. Plus the launch command line (no server).
+against real servers in test_rollout_sglang_real.py. Plus the launch command line, the SLURM plan's interpreter
+and the private network namespace helper (no server).
 """
 
 from __future__ import annotations
@@ -229,3 +230,24 @@ def test_plan_and_server_script_run_the_configured_interpreter(tmp_path):
     procs = [p for n in plan.node_plans for p in n.processes]
     assert all("--python" not in p.argv for p in procs if p.name.startswith("sglang-"))
     assert [p.argv[0] for p in procs if p.name == "router"] == ["python3"]
+
+
+def test_private_netns_is_entered_and_left(tmp_path):
+    """The real-server modules' namespace (tests/rollout/sglang_real.py): inside only loopback, up, and children
+    inherit it; afterwards this thread is back where it was (the rest of the session is unaffected)."""
+    import subprocess
+
+    from sglang_real import private_netns
+
+    before = os.readlink("/proc/thread-self/ns/net")
+    gloo = os.environ.get("GLOO_SOCKET_IFNAME")
+    with private_netns() as how:
+        assert [n for _, n in socket.if_nameindex()] == ["lo"] and os.environ["GLOO_SOCKET_IFNAME"] == "lo"
+        inner = os.readlink("/proc/thread-self/ns/net")
+        child = subprocess.run(["readlink", "/proc/self/ns/net"], capture_output=True, text=True).stdout.strip()
+        assert child == inner and (how == "inherited") == (inner == before)
+        with socket.socket() as srv:  # loopback is up: a listener is reachable inside
+            srv.bind(("127.0.0.1", 0))
+            srv.listen()
+            socket.create_connection(srv.getsockname(), timeout=5).close()
+    assert os.readlink("/proc/thread-self/ns/net") == before and os.environ.get("GLOO_SOCKET_IFNAME") == gloo

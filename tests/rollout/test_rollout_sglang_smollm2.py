@@ -20,7 +20,7 @@ from megatron_scpo.rollout.local import LocalEngine, teacher_forced_logprobs
 from megatron_scpo.rollout.sglang import SGLangEngine, process_tree
 
 QUESTIONS = ["What is 7 + 5?", "Name a primary color."]
-GREEDY_TOKENS = 12
+GREEDY_TOKENS = 10
 
 
 @pytest.fixture(scope="module")

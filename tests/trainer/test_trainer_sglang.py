@@ -356,7 +356,6 @@ def _kill_worker(rank: int, world: int, out_path: str, run_dir: str, url: str, s
     """One RL step (disk sync), a checkpoint, then the server is SIGKILLed as the next step's rollout starts."""
     import os
     import signal
-    import threading
     import time
 
     import megatron_scpo.data.answers as answers
@@ -384,16 +383,20 @@ def _kill_worker(rank: int, world: int, out_path: str, run_dir: str, url: str, s
                 pass
 
     res: dict = {"step0_version": m["weight_version"], "saved": saved.name}
-    timer = threading.Timer(0.2, kill)
+    real_generate = rt.engine.generate
+
+    def generate_then_crash(prompts, n, params):  # the server dies as the rollout starts (timing-independent)
+        kill()
+        return real_generate(prompts, n, params)
+
+    rt.engine.generate = generate_then_crash
     t0 = time.monotonic()
-    timer.start()
     try:
         rl_step(rt, method, records, step=1, seed=6)
         res["error"] = None
     except RolloutServerError as e:
         res["error"] = str(e)
     res["fail_s"] = time.monotonic() - t0
-    timer.join()
     latest = rt.ckpt.latest()
     res["latest"] = latest.name if latest else None
     res["state"] = rt.ckpt.load(latest, load_model=rt.policy.load_checkpoint)  # loads: the checkpoint is intact
