@@ -168,8 +168,11 @@ def _sync_with_rows_in_flight(real: Real, mode: str, seed: int) -> None:
     v = old_v + 1
     eng.cfg.weight_sync, eng.cfg.weight_bucket_mb = mode, 0.05  # 50 KB buckets: several requests
     res: list = []
+    # greedy: the random tiny model's argmax never reaches EOS (test_finish_reasons_stop_length), so the rows are
+    # surely still running when the sync pauses the server; sampled rows hit EOS by chance within the first
+    # seconds (about 1 token in 300) and finished before the pause on a loaded machine
     th = threading.Thread(target=lambda: res.append(
-        eng.generate(PROMPTS[:2], 2, SamplingParams(max_new_tokens=700, temperature=1.0))))
+        eng.generate(PROMPTS[:2], 2, SamplingParams(max_new_tokens=700, temperature=1.0, greedy=True))))
     th.start()
     time.sleep(0.6)
     t0 = time.monotonic()
