@@ -614,7 +614,10 @@ class SGLangEngine:
             save_file(shard, str(out / fname), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, fname))
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        payload = {"model_path": str(out), "weight_version": str(version), "abort_all_requests": False}
+        # flush_cache False: SGLang's in-request flush asserts (and kills the scheduler) when a request is still
+        # running, e.g. a router health probe admitted after the pause; we flush afterwards with retries instead
+        payload = {"model_path": str(out), "weight_version": str(version), "abort_all_requests": False,
+                   "flush_cache": False}
         if out not in self._disk_dirs:
             self._disk_dirs.append(out)
         for res in self._all_workers("/update_weights_from_disk", payload, retries=0):
