@@ -45,6 +45,10 @@ from megatron_scpo.rollout.sglang import SGLangEngine, process_tree
 
 PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12], [1, 20], [1, 30, 31, 32, 33]]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
+# rows that must still be running when a test pauses or kills the server: greedy, because this random tiny model's
+# argmax never reaches EOS (test_finish_reasons_stop_length) while sampled rows hit it by chance within seconds
+# (1 token in ~300) and can finish before the event on a fast or quiet machine
+IN_FLIGHT = SamplingParams(max_new_tokens=700, temperature=1.0, greedy=True)
 VOCAB = 300
 
 
@@ -168,11 +172,7 @@ def _sync_with_rows_in_flight(real: Real, mode: str, seed: int) -> None:
     v = old_v + 1
     eng.cfg.weight_sync, eng.cfg.weight_bucket_mb = mode, 0.05  # 50 KB buckets: several requests
     res: list = []
-    # greedy: the random tiny model's argmax never reaches EOS (test_finish_reasons_stop_length), so the rows are
-    # surely still running when the sync pauses the server; sampled rows hit EOS by chance within the first
-    # seconds (about 1 token in 300) and finished before the pause on a loaded machine
-    th = threading.Thread(target=lambda: res.append(
-        eng.generate(PROMPTS[:2], 2, SamplingParams(max_new_tokens=700, temperature=1.0, greedy=True))))
+    th = threading.Thread(target=lambda: res.append(eng.generate(PROMPTS[:2], 2, IN_FLIGHT)))
     th.start()
     time.sleep(0.6)
     t0 = time.monotonic()
@@ -241,7 +241,8 @@ def test_killed_server_retries_then_names_url_restart_restores_weights(real):
 
     def rollout() -> None:
         try:
-            eng.generate(PROMPTS[:2], 2, SamplingParams(max_new_tokens=700, temperature=1.0))
+            # greedy rows never reach EOS on this model, so they are surely running when the server is killed
+            eng.generate(PROMPTS[:2], 2, IN_FLIGHT)
         except BaseException as e:  # noqa: BLE001 - handed to the test thread
             errors.append(e)
 
