@@ -52,16 +52,12 @@ SECTIONS = ["env", "kernels", "megatron", "rl_step", "bench"]  # the longest (be
 # Seconds per section on a GPU (the whole run must stay under 8 minutes with the start-up around it).
 TIMEOUTS = {"env": 60, "kernels": 120, "megatron": 120, "rl_step": 120, "bench": 240}
 HBM_TBPS = {"H200": 4.8, "H100": 3.35, "H800": 3.35, "A100": 2.0, "B200": 8.0, "L40S": 0.864, "A10": 0.6}
-TINY_RL = [
-    "data.source=synthetic", "data.template=synthetic", "data.max_prompt_tokens=48", "data.synthetic.n_train=32",
-    "data.synthetic.n_eval=4", "data.synthetic.max_ops=2", "tiny_model.hidden_size=64",
-    "tiny_model.intermediate_size=128", "tiny_model.num_hidden_layers=2", "tiny_model.num_attention_heads=2",
-    "tiny_model.num_key_value_heads=2", "tiny_model.head_dim=32", "tiny_model.max_position_embeddings=256",
-    "rollout.n_samples=4", "rollout.max_new_tokens=20", "rollout.check_num_sequences=2", "rollout.check_seq_len=12",
-    "rl.prompts_per_step=3", "rl.micro_batch_size=4", "rl.mini_batches=1", "optim.lr=1e-3",
-    "algo.segmentation.min_step_tokens=1", "logging.tensorboard=false", "logging.progress=false",
-    "eval.enabled=false", "logging.stdout=false",
-]  # fmt: skip
+def _tiny_rl() -> list[str]:
+    """The trainer tests' tiny RL config (tests/trainer/trainer_tiny.py, one home) with one mini-batch, quiet."""
+    sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "trainer")]
+    from trainer_tiny import TINY_RL as test_tiny_rl
+
+    return [*test_tiny_rl, "rl.mini_batches=1", "logging.stdout=false"]
 
 
 def _cuda() -> bool:
@@ -472,7 +468,7 @@ def sec_rl_step(args: argparse.Namespace) -> dict[str, Any]:
     quiet_warnings()
     # A random tiny model answers everything wrong: all-wrong groups get zero advantages, so loss and gradient are
     # 0, but the step does all its work (rollout, log-prob and importance passes, forward + backward, Adam, sync).
-    cfg = load_config(None, [*TINY_RL, "name=gpu_check", "algo.method=scpo"])
+    cfg = load_config(None, [*_tiny_rl(), "name=gpu_check", "algo.method=scpo"])
     packed = []  # packing options (issue 12 item 1) when this checkout has them
     for sec_name in ("rl", "parallel"):
         sec = getattr(cfg, sec_name)

@@ -53,6 +53,24 @@ def _sampling_rows(body: dict) -> list[dict]:
     return sp if isinstance(sp, list) else [sp] * len(body["input_ids"])
 
 
+def _greedy_vs_reference(rt, records, ref, res: dict) -> None:
+    """Greedy rollouts of the engine vs transformers.generate on the same weights (an independent decode), 16 tokens."""
+    import torch
+
+    from megatron_scpo.rollout.base import SamplingParams
+
+    prompts = [rt.encode_prompt(r.problem) for r in records]
+    greedy = rt.engine.generate(prompts, 1, SamplingParams(max_new_tokens=16, temperature=0.0,
+                                                           stop_token_ids=[rt.eos_id]))
+    res["greedy_versions"] = sorted({g[0].weight_version for g in greedy})
+    res["greedy"], res["greedy_ref"] = [g[0].token_ids for g in greedy], []
+    for p in prompts:
+        with torch.no_grad():
+            full = ref.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
+                                eos_token_id=rt.eos_id, pad_token_id=rt.pad_id)[0, len(p):].tolist()
+        res["greedy_ref"].append(full[: full.index(rt.eos_id) + 1] if rt.eos_id in full else full)
+
+
 def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     """TP=``world``; rank 0 hosts the stand-in and owns the engine, every rank trains and exports."""
 
@@ -67,7 +85,6 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     from megatron_scpo.convert.live import iter_hf_tensors
     from megatron_scpo.data.datasets import PromptIterator, load_split
     from megatron_scpo.data.tokenizer import load_tokenizer
-    from megatron_scpo.rollout.base import SamplingParams
     from megatron_scpo.rollout.local import LocalEngine
     from megatron_scpo.rollout.sglang import bucket_named_tensors
     from megatron_scpo.trainer.rl import rl_step
@@ -147,16 +164,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
             missing, unexpected = ref.load_state_dict(exported, strict=False)
             res["ref_load"] = {"missing": sorted(missing), "unexpected": sorted(unexpected)}
             ref.eval()
-            prompts = [rt.encode_prompt(r.problem) for r in records]
-            greedy = rt.engine.generate(prompts, 1, SamplingParams(max_new_tokens=16, temperature=0.0,
-                                                                   stop_token_ids=[rt.eos_id]))
-            res["greedy_versions"] = sorted({g[0].weight_version for g in greedy})
-            res["greedy"], res["greedy_ref"] = [g[0].token_ids for g in greedy], []
-            for p in prompts:
-                with torch.no_grad():
-                    full = ref.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
-                                        eos_token_id=rt.eos_id, pad_token_id=rt.pad_id)[0, len(p):].tolist()
-                res["greedy_ref"].append(full[: full.index(rt.eos_id) + 1] if rt.eos_id in full else full)
+            _greedy_vs_reference(rt, records, ref, res)
             res["n_buckets"] = len(list(bucket_named_tensors(exported.items(), int(0.05 * 2**20))))
             rt.engine.shutdown()
     finally:
@@ -240,7 +248,6 @@ def _real_worker(rank: int, world: int, out_path: str, run_dir: str, url: str) -
     from megatron_scpo.algo.registry import build_method
     from megatron_scpo.convert.live import iter_hf_tensors
     from megatron_scpo.data.datasets import PromptIterator, load_split
-    from megatron_scpo.rollout.base import SamplingParams
     from megatron_scpo.trainer.rl import rl_step
     from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
 
@@ -277,16 +284,7 @@ def _real_worker(rank: int, world: int, out_path: str, run_dir: str, url: str) -
         missing, unexpected = ref.load_state_dict(exported, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
         ref.eval()
-        prompts = [rt.encode_prompt(r.problem) for r in records]
-        greedy = rt.engine.generate(prompts, 1, SamplingParams(max_new_tokens=16, temperature=0.0,
-                                                               stop_token_ids=[rt.eos_id]))
-        res["greedy_versions"] = sorted({g[0].weight_version for g in greedy})
-        res["greedy"], res["greedy_ref"] = [g[0].token_ids for g in greedy], []
-        for p in prompts:
-            with torch.no_grad():
-                full = ref.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
-                                    eos_token_id=rt.eos_id, pad_token_id=rt.pad_id)[0, len(p):].tolist()
-            res["greedy_ref"].append(full[: full.index(rt.eos_id) + 1] if rt.eos_id in full else full)
+        _greedy_vs_reference(rt, records, ref, res)
         res["disk_dirs"] = sorted(d.name for d in (run / "sync").iterdir())
         rt.engine.shutdown()  # attached: leaves the server running, tears down the weight-update group
         with open(out_path, "w") as f:
