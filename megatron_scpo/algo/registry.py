@@ -369,6 +369,8 @@ class ScpoMethod(MethodBase):
         w = self._importance(r, num_steps, K)
         step_r = scpo_step_rewards(lengths, mask, r.correct, r.group_ids, w, r.response_lengths, sc, r.truncated)
         c = r.correct.bool()
+        cm = mask & c[:, None]  # the correct responses' steps
+        inv, n = group_index(r.group_ids)
         gl = sc.gamma * sc.lam
         a_len = torch.zeros_like(step_r)
         if sc.advantage == "s_gae":
@@ -380,32 +382,28 @@ class ScpoMethod(MethodBase):
             a = self.cfg.advantage
             outcome = group_normalize(c.to(torch.float64), r.group_ids, scale_std=a.scale_std,
                                       unbiased=a.unbiased_std, eps=a.eps)
-            len_mask = mask & c[:, None]
             if sc.advantage == "split":
-                s = s_gae(step_r, len_mask, r.group_ids, gamma_lambda=gl, reduce=sc.reduce, eps=sc.std_eps,
+                s = s_gae(step_r, cm, r.group_ids, gamma_lambda=gl, reduce=sc.reduce, eps=sc.std_eps,
                           std_floor=sc.std_floor)
             else:
                 if r.values is None:
                     raise ValueError("scpo.advantage=critic needs GroupedRollouts.values (critic values [B, T])")
-                inv, n = group_index(r.group_ids)
                 gid = inv[:, None].expand_as(step_r)
-                mean, _, _ = masked_group_stats(step_r, gid, n, len_mask)
+                mean, _, _ = masked_group_stats(step_r, gid, n, cm)
                 v = values_at_step_starts(r.values.to(torch.float64), step_ids, K)
-                s, _ = s_gae_critic(torch.where(len_mask, step_r - mean[gid], torch.zeros_like(step_r)), v, len_mask,
+                s, _ = s_gae_critic(torch.where(cm, step_r - mean[gid], torch.zeros_like(step_r)), v, cm,
                                     gamma=sc.gamma, lam=sc.lam)
             bound = sc.len_gap_frac * min_outcome_gap(a)  # < every correct-vs-wrong gap of `outcome`
-            a_len = torch.where(len_mask, bounded(s, bound, sc.len_coef), torch.zeros_like(s))
+            a_len = torch.where(cm, bounded(s, bound, sc.len_coef), torch.zeros_like(s))
             step_a = (outcome[:, None] + a_len) * mask
         # DESIGN.md 3: a group whose samples all get the same reward carries no signal. One sample has no baseline;
         # all-wrong samples share the outcome (s_gae would otherwise rank their step penalties, even above 0).
-        inv, n = group_index(r.group_ids)
         acc, _, cnt = masked_group_stats(c.to(torch.float64), inv, n)
         silent = ((cnt < 2) | (acc == 0))[inv]
         step_a = torch.where(silent[:, None], torch.zeros_like(step_a), step_a)
         adv = broadcast_to_tokens(step_a, step_ids)
         nsteps = mask.sum(dim=1).clamp(min=1)
         seq_r = step_r.sum(dim=1) / nsteps
-        cm = mask & c[:, None]
         metrics = {
             "steps/mean": float(num_steps.to(torch.float64).mean()),
             "steps/len_mean": float(lengths[mask].to(torch.float64).mean()) if bool(mask.any()) else 0.0,
