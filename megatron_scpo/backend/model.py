@@ -18,6 +18,7 @@ after weight mapping:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -219,6 +220,7 @@ def te_available() -> bool:
     return True
 
 
+@functools.cache
 def packed_dot_product_attention() -> type:
     """megatron's local ``DotProductAttention`` that also takes packed (THD) sequences.
 
@@ -257,24 +259,18 @@ def packed_dot_product_attention() -> type:
     return PackedDotProductAttention
 
 
-_PACKED_ATTENTION: type | None = None
-
-
 def layer_spec(config: Any, use_te: bool | None = None) -> Any:
     """The TE spec when Transformer Engine is importable (GPU), else megatron's local spec.
 
     The local spec's core attention is ``packed_dot_product_attention()`` (the local attention plus packed
     THD input); TE's ``TEDotProductAttention`` takes THD natively (``PackedSeqParams``, cu_seqlens).
     """
-    global _PACKED_ATTENTION
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te if use_te is not None else te_available():
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     spec = specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
-    if _PACKED_ATTENTION is None:
-        _PACKED_ATTENTION = packed_dot_product_attention()
-    spec.submodules.self_attention.submodules.core_attention = _PACKED_ATTENTION
+    spec.submodules.self_attention.submodules.core_attention = packed_dot_product_attention()  # one class (cached)
     return spec
 
 
