@@ -24,11 +24,10 @@ all their samples) are modelling choices, set by flags. The step shape is config
   count per micro-batch does not change it). The old/ref log-prob pass pads the whole batch to its longest row.
 - **packed**: every mini-batch balanced over DP ranks by tokens (``balanced_partition``), each rank's rows
   into the fewest balanced micro-batches under ``max_tokens_per_micro_batch`` (``token_budget_micro_batches``),
-  each micro-batch one packed row (``pack_rows``). Both functions are megatron_scpo/backend/packing.py's when
-  importable (the output says which); otherwise a labelled local model (first-fit-decreasing rows of length
-  = budget). Reported for PP = 1 (a row is exactly its real tokens) and for PP > 1 (every micro-batch of a
-  rank's schedule has the length of its longest one: the layout whose waste balancing controls), plus the DP
-  balance (mean / max rank tokens: a step waits for the slowest rank). Target: >= 95% at the default budget.
+  each micro-batch one packed row (``pack_rows``); both functions are megatron_scpo/backend/packing.py's.
+  Reported for PP = 1 (a row is exactly its real tokens) and for PP > 1 (every micro-batch of a rank's schedule
+  has the length of its longest one: the layout whose waste balancing controls), plus the DP balance
+  (mean / max rank tokens: a step waits for the slowest rank). Target: >= 95% at the default budget.
 
 Part 2, our RL step vs TRL's ``GRPOTrainer`` at equal work, on CPU. Two worker processes, set up once each:
 ours (``build_runtime`` + ``rl_step``, method ``grpo``: TRL has no step-importance phase) and TRL's (its
@@ -109,48 +108,15 @@ class LongCotLengths:
         return out
 
 
-def _local_partition(lengths: Sequence[int], k: int, equal_size: bool = False) -> list[list[int]]:
-    """LOCAL MODEL (used only when backend/packing.py is missing): LPT greedy into ``k`` parts."""
-    n = len(lengths)
-    cap = [n // k + (1 if i < n % k else 0) for i in range(k)] if equal_size else [n] * k
-    parts: list[list[int]] = [[] for _ in range(k)]
-    loads = [0] * k
-    for i in sorted(range(n), key=lambda i: -lengths[i]):
-        p = min((j for j in range(k) if len(parts[j]) < cap[j]), key=lambda j: (loads[j], j))
-        parts[p].append(i)
-        loads[p] += lengths[i]
-    return parts
-
-
-def _local_budget(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """LOCAL MODEL (used only when backend/packing.py is missing): first-fit-decreasing rows of ``max_tokens``."""
-    rows: list[list[int]] = []
-    loads: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, load in enumerate(loads):
-            if load + lengths[i] <= max_tokens:
-                rows[r].append(i)
-                loads[r] += lengths[i]
-                break
-        else:
-            rows.append([i])
-            loads.append(lengths[i])
-    return rows
-
-
-def packing_functions() -> tuple[Any, Any, str]:
-    """(balanced_partition, token_budget_micro_batches, source label): the backend's, else the local model."""
-    try:
-        from megatron_scpo.backend.packing import balanced_partition, token_budget_micro_batches
-    except ImportError as e:
-        return _local_partition, _local_budget, f"LOCAL MODEL (first-fit-decreasing; backend.packing: {e})"
-    return balanced_partition, token_budget_micro_batches, "megatron_scpo.backend.packing (the trainer's own)"
+SOURCE = "megatron_scpo.backend.packing (the trainer's own)"
 
 
 def padding_efficiency(samples: Sequence[tuple[int, int]], mini_batches: int, dp: int, budget: int
                        ) -> dict[str, float]:
     """Real tokens / computed positions for one step's samples, padded layout vs packed (see module docstring)."""
-    partition, budget_mbs, _ = packing_functions()
+    from megatron_scpo.backend.packing import balanced_partition as partition
+    from megatron_scpo.backend.packing import token_budget_micro_batches as budget_mbs
+
     lens = [p + r for p, r in samples]
     b = len(lens)
     bounds = [round(i * b / mini_batches) for i in range(mini_batches + 1)]
@@ -189,7 +155,7 @@ def run_padding(a: argparse.Namespace) -> dict[str, Any]:
     model = LongCotLengths(response_mean=a.response_mean, sigma=a.sigma, max_response=a.max_response)
     rng = random.Random(a.seed)
     steps = [model.sample(a.prompts, a.n, rng) for _ in range(a.padding_steps)]
-    _, _, source = packing_functions()
+    source = SOURCE
     rows = []
     for budget in a.budgets:
         per = [padding_efficiency(s, a.mini_batches, a.dp, budget) for s in steps]
