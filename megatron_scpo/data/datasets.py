@@ -7,7 +7,6 @@ the checkpoint, so a resumed run sees exactly the prompts an uninterrupted run w
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 from megatron_scpo.data import synthetic, templates
 from megatron_scpo.data.answers import ALT_SEP
 from megatron_scpo.data.config import DataConfig, SyntheticConfig
-from megatron_scpo.data.formats import FormatError, convert_row
+from megatron_scpo.data.formats import FormatError, convert_row, iter_jsonl
 
 PROBLEM_KEYS = ("problem", "question", "prompt", "query", "input")
 ANSWER_KEYS = ("answer", "gold", "ground_truth", "label", "solution", "target")
@@ -102,16 +101,11 @@ def load_prompts(path: str | Path, problem_key: str | None = None, answer_key: s
         for i, row in enumerate(rows):
             records.append(_record(row, i, f"{p}: row {i}", problem_key, answer_key, id_key, fmt))
     elif p.suffix in (".jsonl", ".json"):
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{p}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-                records.append(_record(row, len(records), where, problem_key, answer_key, id_key, fmt))
+        try:  # _record raises DataError only: a FormatError here is iter_jsonl's malformed line
+            for lineno, row in iter_jsonl(p):
+                records.append(_record(row, len(records), f"{p}:{lineno}", problem_key, answer_key, id_key, fmt))
+        except FormatError as e:
+            raise DataError(str(e)) from None
     else:
         raise DataError(f"{p}: unsupported dataset format {p.suffix!r}; use .jsonl or .parquet")
     if not records:
