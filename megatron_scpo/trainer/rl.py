@@ -231,12 +231,12 @@ def collect_rollouts(rt: Runtime, method: Any, records: Sequence[Any], seed: int
         r, aborted, dropped = drop_aborted(r)
         m["rollout/aborted"] += aborted
         m["rollout/dropped_groups"] += dropped
+        keep: Sequence[int] = range(r.size)
         if cfg.rl.dynamic_sampling:
             r, filtered = filter_uniform_groups(r)
             m["rollout/filtered_groups"] += filtered
-            groups = list(r.groups().values())[: target - kept.num_groups]
-            r = r.select([i for g in groups for i in g])
-        kept.extend(r.select(range(r.size), group_offset=kept.num_groups))
+            keep = [i for g in list(r.groups().values())[: target - kept.num_groups] for i in g]
+        kept.extend(r.select(keep, group_offset=kept.num_groups))
         if not cfg.rl.dynamic_sampling or kept.num_groups >= target:
             break
     m["rollout/groups"] = float(kept.num_groups)
