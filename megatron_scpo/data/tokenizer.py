@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerFast
 
 from megatron_scpo.data import synthetic, templates
 
-TOKENIZER_VERSION = "arith-bpe-v2"  # v2: adds BOS itself  # bump when the corpus or settings change: cached dirs are keyed by it
+TOKENIZER_VERSION = "arith-bpe-v2"  # v2: adds BOS itself. Bump when the corpus or settings change: cached dirs are keyed by it
 VOCAB_SIZE = 460
 BOS, EOS, PAD = "<|bos|>", "<|im_end|>", "<|endoftext|>"
 IM_START = "<|im_start|>"
