@@ -109,10 +109,10 @@ class Runtime:
 
         return encode_rendered(text, self.cfg.data.template, self.tokenizer, max_tokens=self.cfg.data.max_prompt_tokens)
 
-    def logprobs(self, packed: PaddedBatch, temperature: float, micro_batch_size: int | None = None) -> torch.Tensor:
-        """Trainer log-probs ``[B, S]`` of a packed batch (collective over model-parallel ranks)."""
+    def logprobs(self, padded: PaddedBatch, temperature: float, micro_batch_size: int | None = None) -> torch.Tensor:
+        """Trainer log-probs ``[B, S]`` of a padded batch (collective over model-parallel ranks)."""
         mbs = micro_batch_size or self.cfg.rl.micro_batch_size
-        return self.policy.compute_logprobs(packed.input_ids, packed.attention_mask, temperature=temperature,
+        return self.policy.compute_logprobs(padded.input_ids, padded.attention_mask, temperature=temperature,
                                             micro_batch_size=mbs)
 
     def train_step(self, batch: dict[str, torch.Tensor], loss: str, loss_kwargs: dict[str, Any],
@@ -160,9 +160,9 @@ class Runtime:
 
         ids = [s for s, _ in seqs]
         plens = [p for _, p in seqs]
-        packed = pad_batch([s[:p] for s, p in seqs], [s[p:] for s, p in seqs], self.pad_id)
-        trainer_lp = packed.gather(self.logprobs(packed, temperature=1.0))
-        trainer_rows = [trainer_lp[i, :n].tolist() for i, n in enumerate(packed.response_lens)]
+        padded = pad_batch([s[:p] for s, p in seqs], [s[p:] for s, p in seqs], self.pad_id)
+        trainer_lp = padded.gather(self.logprobs(padded, temperature=1.0))
+        trainer_rows = [trainer_lp[i, :n].tolist() for i, n in enumerate(padded.response_lens)]
         out: dict[str, float] = {}
         if self.is_main:
             out = check_logprobs(self.engine, lambda *_a: trainer_rows, ids, plens,

@@ -115,9 +115,9 @@ def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int
         info = getattr(rt.policy, "info", None)
         if info is not None and info.dp > 1:  # each data-parallel rank takes every dp-th sequence
             idx = idx[info.dp_rank::info.dp]
-        packed = pad_batch([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], rt.pad_id)
-        batch = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
-                 "loss_mask": packed.loss_mask}
+        padded = pad_batch([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], rt.pad_id)
+        batch = {"input_ids": padded.input_ids, "attention_mask": padded.attention_mask,
+                 "loss_mask": padded.loss_mask}
         with timer.phase("train"):
             m = rt.train_step(batch, "sft", {}, micro_batch_size)
         rt.global_step += 1
@@ -125,7 +125,7 @@ def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int
         last = {TRAIN_METRIC_NAMES.get(k, k): float(v) for k, v in m.items() if isinstance(v, (int, float))}
         if step % log_every == 0 or step == steps - 1:
             rt.logger.log(stage, step, {**last, "lr": cur_lr, **timer.metrics(),
-                                        "length/mean": sum(packed.response_lens) / len(idx)})
+                                        "length/mean": sum(padded.response_lens) / len(idx)})
         if step + 1 == steps:
             break
         stopping = stop is not None and stop.poll()
