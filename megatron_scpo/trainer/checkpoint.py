@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_scpo.convert.checkpoint import HF_SUBDIR  # one name: the converter reads the config from there
+
 STATE_FILE = "trainer_state.json"
-HF_SUBDIR = "hf"  # must equal convert.checkpoint.HF_SUBDIR (the converter reads the config from here)
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
