@@ -71,7 +71,12 @@ def check_layout(
     return world_size // (tp * pp)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it; another process may take it before use).
+
+    The one helper for rendezvous ports: this module's private 1-rank group and the rollout engine's
+    weight-update group (``rollout.sglang``) use it.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -89,7 +94,7 @@ def _ensure_process_group(backend: str | None, timeout_minutes: int) -> str:
         dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+            backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout
         )
     return backend
 

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import requests
 import torch
 from torch import Tensor
 
+from megatron_scpo.backend.parallel import free_port
 from megatron_scpo.rollout.base import (
     RolloutServerError,
     Sample,
@@ -183,12 +183,6 @@ def kill_process_tree(pid: int, timeout_s: float = 15.0) -> None:
             time.sleep(0.1)
         if not any(alive(p) for p in pids):
             return
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -575,7 +569,7 @@ class SGLangEngine:
             self._check_success(res, "update_weights_from_distributed")
 
     def _init_weight_group(self) -> None:
-        port = self.cfg.sync_master_port or _free_port()
+        port = self.cfg.sync_master_port or free_port()
         world = 1 + len(self.worker_urls) * self.cfg.tp_size
         with ThreadPoolExecutor(max_workers=len(self.worker_urls)) as ex:
             futs = [

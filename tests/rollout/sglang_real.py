@@ -33,6 +33,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from megatron_scpo.backend.parallel import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
@@ -111,12 +113,6 @@ def private_netns() -> Iterator[str]:
             os.environ.pop("GLOO_SOCKET_IFNAME", None)
         else:
             os.environ["GLOO_SOCKET_IFNAME"] = old_ifname
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Server flags for SGLang on CPU (../shared/sglang-cpu/README.md): the CPU engine, no overlap scheduler, a small

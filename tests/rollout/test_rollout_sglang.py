@@ -35,12 +35,6 @@ HERE = Path(__file__).parent
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [20], [30, 31, 32, 33]]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def cfg(**kw) -> SGLangConfig:
     base = dict(max_retries=2, retry_backoff_s=0.05, request_timeout_s=30.0, startup_timeout_s=10.0)
     base.update(kw)

@@ -32,6 +32,7 @@ from sglang_real import (
     sglang_python,
 )
 
+from megatron_scpo.backend.parallel import free_port
 from megatron_scpo.rollout import (
     LogprobMismatchError,
     RolloutServerError,
@@ -300,8 +301,6 @@ def test_killed_server_retries_then_names_url_restart_restores_weights(real):
 @pytest.mark.skipif(not router_available(), reason="sglang-router is not installed in the server venv")
 def test_two_servers_behind_sglang_router(real):
     """Generation through sglang-router (its /generate, round robin), weight sync to each worker directly."""
-    from sglang_real import free_port
-
     port = free_port()
     router_log = open(real.root / "router.log", "wb")  # noqa: SIM115 - closed below
     router = subprocess.Popen(
