@@ -26,7 +26,7 @@ def score_samples(records: Sequence[Any], outputs: Sequence[Sequence[Any]], toke
     are wrong) with each record's rendered prompt text from ``prompts``.
     """
     from megatron_scpo.data.verify import Grading
-    from megatron_scpo.trainer.rl import token_offsets
+    from megatron_scpo.trainer.rollouts import token_offsets
 
     grading = grading or Grading()
     out = []

@@ -8,7 +8,7 @@ Names are a contract with dashboards, the report and the resume test, so they li
 - ``acc/mean``, ``length/mean``, ``length/max``, ``length/p50``, ``length/p90``, ``length/truncated_frac``
 - ``clip/frac_low``, ``clip/frac_high``, ``importance/*``, ``rollout_logprob_abs_diff``
 - ``rollout/aborted``, ``rollout/dropped_groups``, ``rollout/filtered_groups``, ``rollout/draws``,
-  ``rollout/groups``, ``rollout/overlong_filtered`` (trainer/rl.py's rollout filters)
+  ``rollout/groups`` (trainer/rollouts.py's filters), ``rollout/overlong_filtered`` (trainer/rl.py)
 - ``train/skipped_updates``, ``train/empty_minibatches``, ``train/mini_batches``
 
 Only rank 0 writes. Non-finite values are stored as ``null`` in JSONL (strict JSON) and counted in
@@ -32,8 +32,24 @@ from megatron_scpo.trainer.config import LoggingConfig
 T = TypeVar("T")
 
 PHASES = ("rollout", "old_logprob", "importance", "train", "sync")
+
+# The names more than one module spells (producers, the stdout line, the report): one spelling each.
+ACC_MEAN = "acc/mean"  # fraction of graded-correct samples (rollouts.rollout_stats, sft.rejection_sample)
+LENGTH_MEAN = "length/mean"  # response tokens per sample (rollout_stats, rejection_sample, sft_train)
+ROLLOUT_TOKENS_PER_S = "perf/tokens_per_s"  # generated tokens / rollout seconds (rollout_stats; report.py)
+IMPORTANCE_MEAN = "importance/mean"  # mean step importance of the scored responses (rl.compute_importance)
+# backend train_step metric -> stable name (rl.train_on, sft.sft_train); unlisted keys keep their name
+TRAIN_METRIC_NAMES = {"clip_frac_low": "clip/frac_low", "clip_frac_high": "clip/frac_high", "grad_norm": "grad_norm",
+                      "num_tokens": "train/num_tokens", "skipped": "train/skipped", "kl": "kl/mean",
+                      "nonfinite_loss": "train/nonfinite_loss", "nonfinite_grad_norm": "train/nonfinite_grad_norm"}
+# Names the trainer computes from the rollouts in every RL step; a method's own metrics (algo registry's
+# MethodOutput.metrics, merged first in rl.rl_step) must not mint them, or one of two values would silently win.
+TRAINER_ROLLOUT_METRICS = frozenset({
+    ACC_MEAN, LENGTH_MEAN, "length/max", "length/p50", "length/p90", "length/truncated_frac", ROLLOUT_TOKENS_PER_S,
+    "perf/samples", IMPORTANCE_MEAN, "importance/scored_sequences", "importance/responses",
+})
 STDOUT_KEYS = (
-    "reward/mean", "acc/mean", "length/mean", "clip/frac_low", "clip/frac_high", "loss",
+    "reward/mean", ACC_MEAN, LENGTH_MEAN, "clip/frac_low", "clip/frac_high", "loss",
     "rollout_logprob_abs_diff", "time/step",
 )
 

@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from megatron_scpo.trainer.batching import pad_batch
-from megatron_scpo.trainer.metrics import PhaseTimer, progress
+from megatron_scpo.trainer.metrics import ACC_MEAN, LENGTH_MEAN, TRAIN_METRIC_NAMES, PhaseTimer, progress
 from megatron_scpo.trainer.preempt import Preempted, StopRequest
-from megatron_scpo.trainer.rl import TRAIN_METRIC_NAMES, generate_rollouts, sampling_params
+from megatron_scpo.trainer.rollouts import generate_rollouts, sampling_params
 from megatron_scpo.trainer.runtime import Runtime
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, response ids incl. EOS)
@@ -125,7 +125,7 @@ def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int
         last = {TRAIN_METRIC_NAMES.get(k, k): float(v) for k, v in m.items() if isinstance(v, (int, float))}
         if step % log_every == 0 or step == steps - 1:
             rt.logger.log(stage, step, {**last, "lr": cur_lr, **timer.metrics(),
-                                        "length/mean": sum(padded.response_lens) / len(idx)})
+                                        LENGTH_MEAN: sum(padded.response_lens) / len(idx)})
         if step + 1 == steps:
             break
         stopping = stop is not None and stop.poll()
@@ -180,8 +180,8 @@ def rejection_sample(rt: Runtime, records: Sequence[Any]) -> tuple[list[Pair], d
     pairs = select_rejection_samples(groups, c.select)
     lens = [len(x) for x in r.response_ids]
     stats = {
-        "acc/mean": sum(r.correct) / max(1, r.size),
-        "length/mean": sum(lens) / max(1, len(lens)),
+        ACC_MEAN: sum(r.correct) / max(1, r.size),
+        LENGTH_MEAN: sum(lens) / max(1, len(lens)),
         "stage1/kept": float(len(pairs)),
         "stage1/solved_frac": sum(1 for g in groups if any(c for *_, c in g)) / max(1, len(groups)),
         "stage1/kept_length_mean": sum(len(p[1]) for p in pairs) / max(1, len(pairs)),

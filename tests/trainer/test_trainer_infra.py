@@ -151,7 +151,7 @@ def test_pack_scatter_gather_roundtrip():
 
 def test_token_offsets_cover_generated_text():
     from megatron_scpo.data.tokenizer import build_tokenizer
-    from megatron_scpo.trainer.rl import token_offsets
+    from megatron_scpo.trainer.rollouts import token_offsets
 
     tok = build_tokenizer()
     text = "\n3 + 4 = 7\n\nWait, let me check.\n</think>\n\\boxed{7}"

@@ -113,7 +113,7 @@ def _done(ans: int) -> str:
 def test_truncated_samples_graded_wrong_in_rl_stage1_and_eval():
     """A correct-looking box in a sample cut at max_new_tokens or inside its thinking is wrong everywhere."""
     from megatron_scpo.trainer.evaluate import score_samples
-    from megatron_scpo.trainer.rl import generate_rollouts, sampling_params
+    from megatron_scpo.trainer.rollouts import generate_rollouts, sampling_params
     from megatron_scpo.trainer.sft import rejection_sample
 
     samples = [(_done(1), "stop"), (_done(1), "length"), ("\nso \\boxed{1}", "stop"), (_done(1), "abort")]
@@ -142,7 +142,8 @@ def test_truncated_samples_graded_wrong_in_rl_stage1_and_eval():
 def test_aborted_samples_dropped_and_groups_renormalized():
     """Aborts never reach rewards: their group shrinks, a group left with one sample is dropped."""
     from megatron_scpo.algo.registry import build_method
-    from megatron_scpo.trainer.rl import collect_rollouts, grouped, segment
+    from megatron_scpo.trainer.rl import grouped, segment
+    from megatron_scpo.trainer.rollouts import collect_rollouts
 
     # prompt 0: [right, abort, wrong, right]; prompt 1: [abort, abort, abort, right] -> 1 left: dropped;
     # prompt 2: [wrong, right, wrong, wrong]
@@ -171,7 +172,7 @@ def test_aborted_samples_dropped_and_groups_renormalized():
 
 def test_dynamic_sampling_fills_batch_deterministically():
     """Uniform groups are filtered; rounds draw prompts_per_step more until the batch is full (or max draws)."""
-    from megatron_scpo.trainer.rl import collect_rollouts, draw_seed
+    from megatron_scpo.trainer.rollouts import collect_rollouts, draw_seed
 
     recs = [PromptRecord(id=f"q{i}", problem=f"{i} + 1", answer=str(i)) for i in range(40)]
     # by the gold: answer % 3 == 0 -> all right, == 2 -> all wrong, == 1 -> mixed (2 right, 2 wrong)
