@@ -194,14 +194,9 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
 
     ``draw(n)`` gives the next ``n`` prompts of the run's data order; it is required with
     ``rl.dynamic_sampling`` (``collect_rollouts``) and unused otherwise. Collective: every rank calls it.
+    That ``rl.mini_batches`` leave every data-parallel rank a sample is checked once (``run.check_rl_batch``).
     """
     cfg = rt.cfg
-    info = getattr(rt.policy, "info", None)
-    dp = info.dp if info is not None else 1
-    if cfg.rl.prompts_per_step * cfg.rollout.n_samples < cfg.rl.mini_batches * dp:
-        raise ValueError(f"rl.mini_batches={cfg.rl.mini_batches} mini-batches of {cfg.rl.prompts_per_step} x "
-                         f"{cfg.rollout.n_samples} samples leave fewer samples than the {dp} data-parallel ranks: "
-                         "raise rl.prompts_per_step or lower rl.mini_batches")
     timer = PhaseTimer()
     with timer.phase("rollout"):
         col = collect_rollouts(rt, method, records, seed, draw)
@@ -237,9 +232,9 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
     loss_kwargs: dict[str, Any] = {"temperature": T, "agg": cfg.algo.loss.agg, "norm_length": cfg.algo.loss.norm_length,
                                    "dual_clip": cfg.algo.clip.dual_clip}
     if cfg.algo.loss.kl_coef > 0:  # k3 KL to the frozen reference (the rl_start weights, reference.py)
-        ref = rt.extra.get("reference")
+        ref = rt.reference
         if ref is None:
-            raise RuntimeError("algo.loss.kl_coef > 0 but no reference policy was set up (rt.extra['reference'])")
+            raise RuntimeError("algo.loss.kl_coef > 0 but no reference policy was set up (Runtime.reference)")
         with timer.phase("ref_logprob"):
             tensors["ref_logprobs"] = ref.logprobs(rt, padded, temperature=T)
         loss_kwargs["kl_coef"] = cfg.algo.loss.kl_coef

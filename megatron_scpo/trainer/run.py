@@ -63,8 +63,26 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError(f"model.hf_path: {cfg.model.hf_path}/config.json not found")
     if cfg.rollout.engine == "sglang" and not cfg.rollout.sglang_urls and cfg.model.hf_path is None:
         raise ConfigError("rollout.engine: sglang needs model.hf_path (servers load it) or rollout.sglang_urls")
+    if cfg.rl.enabled:
+        check_rl_batch(cfg, dist_info()[1])
     check_prompt_lengths(cfg, train + evals)
     return {"train": train, "eval": evals}
+
+
+def check_rl_batch(cfg: ExperimentConfig, world_size: int) -> None:
+    """Each of ``rl.mini_batches`` must give every data-parallel rank a sample: checked once, before Megatron.
+
+    DP is what the world leaves after TP x PP (``backend.parallel.check_layout``, which also rejects a layout
+    that does not fit the world). Raises ConfigError naming the keys.
+    """
+    from megatron_scpo.backend.parallel import check_layout
+
+    par, rl = cfg.parallel, cfg.rl
+    dp = check_layout(world_size, par.tp, par.pp, vpp=par.vpp)
+    if rl.prompts_per_step * cfg.rollout.n_samples < rl.mini_batches * dp:
+        raise ConfigError(f"rl.mini_batches={rl.mini_batches} mini-batches of {rl.prompts_per_step} x "
+                          f"{cfg.rollout.n_samples} samples leave fewer samples than the {dp} data-parallel ranks: "
+                          "raise rl.prompts_per_step or lower rl.mini_batches")
 
 
 def check_prompt_lengths(cfg: ExperimentConfig, records: list[Any]) -> None:
@@ -351,9 +369,7 @@ class Pipeline:
                 at_rl_start = True
             if sequential and self.state.get("carry_method_state"):  # continue from the previous method's
                 method.load_state_dict(self.state["carry_method_state"])  # weights and state (LAPO map)
-        rt.extra.pop("reference", None)
-        if use_kl:
-            rt.extra["reference"] = self._reference(at_rl_start)
+        rt.reference = self._reference(at_rl_start) if use_kl else None
         set_lr(rt.policy, self.cfg.optim.lr)
         stage = f"rl/{name}"
         for step in range(start, c.steps):

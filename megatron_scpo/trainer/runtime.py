@@ -13,9 +13,9 @@ With SGLang the same holds: rank 0 talks HTTP to the servers.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,13 @@ from megatron_scpo.config import ExperimentConfig
 from megatron_scpo.trainer.batching import PaddedBatch
 from megatron_scpo.trainer.checkpoint import CheckpointManager
 from megatron_scpo.trainer.metrics import MetricsLogger
+
+if TYPE_CHECKING:  # megatron and transformers stay unimported until build_runtime (preflight runs first)
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from megatron_scpo.backend.policy import MegatronPolicy
+    from megatron_scpo.rollout.base import RolloutEngine
+    from megatron_scpo.trainer.reference import ReferencePolicy
 
 
 def dist_info() -> tuple[int, int]:
@@ -68,22 +75,27 @@ def make_engine(cfg: ExperimentConfig, hf_dir: str | Path, tokenizer: Any) -> An
 
 @dataclass
 class Runtime:
-    """Live objects of a run. ``engine`` exists on rank 0 only."""
+    """Live objects of a run (``run.build_runtime``): what the trainer hands the backend and the engine.
+
+    ``engine`` exists on rank 0 only (None elsewhere). ``reference`` is the frozen KL reference of the
+    current RL phase (``algo.loss.kl_coef > 0``, set by the run driver at the phase start; reference.py),
+    None otherwise. ``policy.info`` (backend.parallel.ParallelInfo) is this rank's TP/PP/DP place.
+    """
 
     cfg: ExperimentConfig
     run_dir: Path
     rank: int
     world: int
-    tokenizer: Any
-    hf_config: Any
+    tokenizer: PreTrainedTokenizerBase
+    hf_config: PretrainedConfig
     hf_dir: Path
-    policy: Any
-    engine: Any
+    policy: MegatronPolicy
+    engine: RolloutEngine | None
     logger: MetricsLogger
     ckpt: CheckpointManager
     weight_version: int = 0
     global_step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    reference: ReferencePolicy | None = None
 
     @property
     def is_main(self) -> bool:

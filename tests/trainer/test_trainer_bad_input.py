@@ -122,3 +122,21 @@ def test_overrides_before_and_after_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "warmstart.lr: expected a number" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_mini_batches_fewer_samples_than_dp_ranks(tmp_path, capsys, monkeypatch):
+    """rl.mini_batches x DP > samples per step fails in preflight (DP = world / (tp*pp)), once, before Megatron."""
+    from megatron_scpo.config import ConfigError
+    from megatron_scpo.trainer.run import check_rl_batch
+
+    small = ["rollout.n_samples=2", "rl.prompts_per_step=2", "rl.mini_batches=2"]  # 4 samples per step
+    for tp, pp, world, ok in ((1, 1, 1, True), (1, 1, 2, True), (1, 1, 4, False), (2, 1, 4, True), (1, 2, 8, False)):
+        c = load_config(None, [*small, f"parallel.tp={tp}", f"parallel.pp={pp}"])
+        if ok:
+            check_rl_batch(c, world)
+        else:
+            with pytest.raises(ConfigError, match=f"rl.mini_batches=2 .* fewer samples than the {world // (tp * pp)} "):
+                check_rl_batch(c, world)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # `scpo train` under a 4-process launcher: DP 4
+    err = _run(tmp_path, BASE, capsys, extra=small)
+    assert "rl.mini_batches=2" in err and "4 data-parallel ranks" in err

@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)
     params = list(rt.policy.modules()[0].parameters())
     start = [p.detach().clone() for p in params]
-    rt.extra["reference"] = ReferencePolicy.from_live(rt.policy)
+    rt.reference = ReferencePolicy.from_live(rt.policy)
     method = build_method(algo_for(cfg, "scpo"))
     out = {}
     for mode, packed, budget in (("padded", False, None), ("packed", True, None), ("budget", True, 24)):

@@ -103,7 +103,7 @@ def _kl_steps(rt, cfg, records, start) -> dict:
 
     algo = dataclasses.replace(cfg.algo, loss=dataclasses.replace(cfg.algo.loss, kl_coef=0.5))
     rt.cfg = dataclasses.replace(cfg, algo=algo, rl=dataclasses.replace(cfg.rl, mini_batches=1))
-    rt.extra["reference"] = ref = ReferencePolicy.from_live(rt.policy)
+    rt.reference = ref = ReferencePolicy.from_live(rt.policy)
     method = build_method(algo_for(rt.cfg, "grpo"))
     m1 = rl_step(rt, method, records, step=0, seed=77)
     m2 = rl_step(rt, method, records, step=1, seed=78)
@@ -121,7 +121,7 @@ def _kl_steps(rt, cfg, records, start) -> dict:
     rt.policy.optimizer.reload_model_params()
     rt.sync_weights()
     rt.cfg = cfg
-    del rt.extra["reference"]
+    rt.reference = None
     return {"kl1": m1["kl/mean"], "kl2": m2["kl/mean"], "loss1": m1["loss"], "moved": moved,
             "has_time": "time/ref_logprob" in m1, "ref_diff": float((live - ref_lp).abs().max())}
 
