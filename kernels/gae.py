@@ -45,14 +45,31 @@ from ._dispatch import (
 
 _SCAN_BLOCK = 64
 _DENSE_BLOCK = 32  # fastest block for the [B, T] token scan on CPU (fewer matmul flops, 2 levels)
+_HORNER_MAX = 128  # fp64 rows up to this wide: the column recurrence (see discounted_suffix_sum)
+
+
+def _horner_suffix_sum(d: torch.Tensor, g: float) -> torch.Tensor:
+    """``acc = d[:, i] + g * acc`` from the last column back: the spec's operation order (one add, one mul each)."""
+    out = torch.empty_like(d)
+    acc = torch.zeros_like(d[:, 0])
+    for i in range(d.shape[1] - 1, -1, -1):
+        acc = d[:, i] + g * acc
+        out[:, i] = acc
+    return out
 
 
 def discounted_suffix_sum(d: torch.Tensor, g: float, block: int = _SCAN_BLOCK) -> torch.Tensor:
     """``out[:, i] = sum_{m >= i} g^(m-i) d[:, m]`` for d [R, S], vectorized with blocked matmuls.
 
-    Powers are formed directly (never divided), so long horizons underflow harmlessly to 0.
+    fp64 with up to ``_HORNER_MAX`` columns (S-GAE's step grids, the algo's dtype) runs the column recurrence
+    instead: as fast at that width, and it adds in the order of the algo spec
+    (``megatron_scpo.algo.advantages.discounted_reverse_sum``), so the step scan the trainer runs is bitwise
+    equal to the spec. Otherwise blocked matmuls; powers are formed directly (never divided), so long
+    horizons underflow harmlessly to 0.
     """
     r, s = d.shape
+    if s <= _HORNER_MAX and d.dtype == torch.float64:
+        return _horner_suffix_sum(d, g) if s else d.clone()
     k = min(s, block)
     e = torch.arange(k, device=d.device, dtype=torch.float64)
     expo = e[None, :] - e[:, None]
@@ -306,3 +323,33 @@ def segmented_gae(
     b[st.last_tok] = st.delta.float()
     adv = tg.reverse_scan(coef.view(shape), b.view(shape), block_t).to(dtype).masked_fill_(~valid, 0.0)
     return adv, (adv.clone() if st.v_first is None else adv + _broadcast(st.v_first, st, shape))
+
+
+def step_discounted_sum(
+    x: torch.Tensor, step_mask: torch.Tensor, decay: float, *, reduce: str = "sum", impl: Impl = "auto"
+) -> torch.Tensor:
+    """S-GAE's scan on a step grid: ``out_j = sum_{m >= j, valid} decay^(m-j) x_m`` per row of x [B, K].
+
+    The scan the trainer's SCPO method runs (``build_method(..., scan=step_discounted_sum)``); its spec is
+    ``megatron_scpo.algo.advantages.discounted_reverse_sum``, same signature and semantics. Each step is one
+    element of ``segmented_gae``'s token-level mode (gamma 1, lam ``decay``). ``reduce="mean"`` divides by
+    the same scan of the mask (``sum decay^(m-j)`` over valid m, clamped at 1e-12). x float [B, K];
+    step_mask bool/0-1 [B, K] whose valid steps are contiguous from column 0 in every row (else ValueError).
+    Returns [B, K] (fp64 for fp64 x, else fp32), 0 on padding. torch path: bitwise equal to the spec in fp64
+    for K <= 128 (``discounted_suffix_sum``'s column recurrence); Triton (CUDA tensors): fp32 scan.
+    """
+    check_2d("x", x)
+    check_2d("step_mask", step_mask, tuple(x.shape))
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    valid = step_mask.bool()
+    if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        raise ValueError("step_mask: valid steps must be contiguous from column 0 in every row")
+    if x.numel() == 0:
+        return torch.zeros(x.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                           device=x.device)
+    out, _ = segmented_gae(x, valid, gamma=1.0, lam=decay, impl=impl)
+    if reduce == "mean":
+        weight, _ = segmented_gae(valid.to(out.dtype), valid, gamma=1.0, lam=decay, impl=impl)
+        out = out / weight.clamp(min=1e-12)
+    return out

@@ -2,13 +2,14 @@
 
 Step-level quantities are padded tensors ``[B, K]`` with a boolean ``step_mask[B, K]`` (step k of
 sample b exists). Token-level quantities are ``[B, T]`` with ``step_ids[B, T]`` (-1 outside the
-response). The kernels package implements the same S-GAE as a segmented reverse scan over tokens;
-this file is its specification.
+response). This file is the specification of S-GAE. Its one loop, ``discounted_reverse_sum``, is a
+``DiscountedScan`` argument of ``s_gae`` / ``s_gae_critic`` (default: the spec): the trainer passes the
+kernels package's ``step_discounted_sum`` (the same scan through ``segmented_gae``; algo imports no kernel).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ from megatron_scpo.algo.groups import check_finite, group_index, group_normalize
 
 __all__ = [
     "group_normalize",
+    "DiscountedScan",
     "discounted_reverse_sum",
     "s_gae",
     "s_gae_critic",
@@ -33,6 +35,18 @@ def _check_step_shapes(step_rewards: Tensor, step_mask: Tensor) -> None:
             f"and {tuple(step_mask.shape)}"
         )
     check_finite("step_rewards", torch.where(step_mask.bool(), step_rewards, torch.zeros_like(step_rewards)))
+
+
+class DiscountedScan(Protocol):
+    """A discounted suffix scan with ``discounted_reverse_sum``'s signature and semantics (it is the spec).
+
+    ``(x [B, K], step_mask [B, K], decay, *, reduce) -> [B, K]``; the trainer injects the kernel op
+    (``scpo_kernels.gae.step_discounted_sum``), tested equal to the spec (bitwise in fp64 for K <= 128).
+    """
+
+    def __call__(
+        self, x: Tensor, step_mask: Tensor, decay: float, *, reduce: Literal["sum", "mean"] = "sum"
+    ) -> Tensor: ...
 
 
 def discounted_reverse_sum(
@@ -64,13 +78,15 @@ def s_gae(
     normalize: bool = True,
     eps: float = 1e-6,
     std_floor: float = 0.0,
+    scan: DiscountedScan = discounted_reverse_sum,
 ) -> Tensor:
     """Critic-free S-GAE (reconstructed): group-normalize all step rewards, then reverse-accumulate.
 
     ``rn = (r - mean_g) / (max(std_g, std_floor) + eps)`` over every valid step of every sample in the group
     (population std; the floor, in reward units, keeps a near-zero std from blowing tiny reward differences
     up to O(1)); ``A_j = sum_{m>=j} (gamma*lambda)^(m-j) rn_m``. With gamma*lambda = 1 and no floor this is
-    GRPO process supervision (DeepSeekMath). Returns step advantages [B, K] (0 on padding, float64).
+    GRPO process supervision (DeepSeekMath). ``scan`` runs the accumulation (see ``DiscountedScan``).
+    Returns step advantages [B, K] (0 on padding, float64).
     """
     _check_step_shapes(step_rewards, step_mask)
     mask = step_mask.bool()
@@ -81,15 +97,21 @@ def s_gae(
         mean, std, _ = masked_group_stats(r, gid, n, mask)
         sd = std[gid]
         r = torch.where(sd > 0, (r - mean[gid]) / (sd.clamp(min=std_floor) + eps), torch.zeros_like(r))
-    return discounted_reverse_sum(r, mask, gamma_lambda, reduce=reduce)
+    return scan(r, mask, gamma_lambda, reduce=reduce)
 
 
 def s_gae_critic(
-    step_rewards: Tensor, step_values: Tensor, step_mask: Tensor, *, gamma: float, lam: float
+    step_rewards: Tensor,
+    step_values: Tensor,
+    step_mask: Tensor,
+    *,
+    gamma: float,
+    lam: float,
+    scan: DiscountedScan = discounted_reverse_sum,
 ) -> tuple[Tensor, Tensor]:
     """S-GAE with a critic read at step starts: ``delta_j = r_j + gamma V_(j+1) - V_j`` (V after the last step = 0).
 
-    Returns (advantages [B, K], returns = advantages + values [B, K]); padding is 0.
+    ``scan`` accumulates the deltas with decay gamma*lam (see ``DiscountedScan``). Returns (advantages [B, K], returns = advantages + values [B, K]); padding is 0.
     """
     _check_step_shapes(step_rewards, step_mask)
     if step_values.shape != step_rewards.shape:
@@ -100,7 +122,7 @@ def s_gae_critic(
     v = step_values.to(torch.float64) * m
     v_next = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1) * torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], 1)
     delta = (step_rewards.to(torch.float64) + gamma * v_next - v) * m
-    adv = discounted_reverse_sum(delta, mask, gamma * lam)
+    adv = scan(delta, mask, gamma * lam)
     return adv, (adv + v) * m
 
 

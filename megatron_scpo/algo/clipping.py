@@ -21,11 +21,13 @@ def clip_ranges(accuracy: Tensor, cfg: ClipConfig) -> tuple[Tensor, Tensor]:
         raise ValueError("accuracy must lie in [0, 1]")
     p = accuracy.to(torch.float32)
     if not cfg.adaptive:
-        return torch.full_like(p, cfg.eps_low), torch.full_like(p, cfg.eps_high)
+        eps_low, eps_high = cfg.fixed()
+        return torch.full_like(p, eps_low), torch.full_like(p, eps_high)
     if cfg.invert:
         p = 1.0 - p
-    lo = cfg.eps_low_min + (cfg.eps_low_max - cfg.eps_low_min) * p
-    hi = cfg.eps_high_min + (cfg.eps_high_max - cfg.eps_high_min) * p
+    (lo_min, lo_max), (hi_min, hi_max) = cfg.ranges()
+    lo = lo_min + (lo_max - lo_min) * p
+    hi = hi_min + (hi_max - hi_min) * p
     return lo, hi
 
 

@@ -6,7 +6,7 @@ Every SCPO knob is part of our *reconstruction* of SmartThinker-v1 (the method s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 MethodName = Literal["scpo", "lapo_stage1", "lapo_stage2", "calibration", "grpo", "global_length_penalty"]
@@ -23,31 +23,63 @@ def _check_range(obj: object, name: str, lo: float, hi: float, *, lo_open: bool 
 
 @dataclass
 class ClipConfig:
-    """Clip range of the ratio; difficulty-adaptive per prompt for SCPO (reconstructed rule).
+    """Clip range of the ratio: constant, or difficulty-adaptive per prompt (SCPO, reconstructed rule).
 
-    adaptive: eps(q) = eps_min + (eps_max - eps_min) * p(q), p = group accuracy (1 - p with invert).
+    ``adaptive: false``: the constant range ``eps_low`` / ``eps_high`` (null: 0.2, PPO's).
+    ``adaptive: true``: eps(q) = eps_min + (eps_max - eps_min) * p(q), p = group accuracy (1 - p with ``invert``),
+    from ``eps_low_min/max`` and ``eps_high_min/max`` (null: 0.1 / 0.3).
+    A key of the other mode would do nothing, so setting it is an error (``eps_low`` with adaptive, the
+    ``*_min/max`` keys or ``invert: true`` without). Read the resolved numbers through ``fixed()`` / ``ranges()``.
     """
 
-    eps_low: float = 0.2
-    eps_high: float = 0.2
+    eps_low: float | None = None
+    eps_high: float | None = None
     adaptive: bool = False
-    eps_low_min: float = 0.1
-    eps_low_max: float = 0.3
-    eps_high_min: float = 0.1
-    eps_high_max: float = 0.3
+    eps_low_min: float | None = None
+    eps_low_max: float | None = None
+    eps_high_min: float | None = None
+    eps_high_max: float | None = None
     invert: bool = False
     dual_clip: float | None = 3.0  # c > 1: dual-clip for negative advantages (verl's clip_ratio_c = 3); null = off
 
+    def fixed(self) -> tuple[float, float]:
+        """(eps_low, eps_high) of the constant range (adaptive: false)."""
+        return (_or(self.eps_low, _EPS), _or(self.eps_high, _EPS))
+
+    def ranges(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((eps_low_min, eps_low_max), (eps_high_min, eps_high_max)) of the adaptive range (adaptive: true)."""
+        return ((_or(self.eps_low_min, _EPS_MIN), _or(self.eps_low_max, _EPS_MAX)),
+                (_or(self.eps_high_min, _EPS_MIN), _or(self.eps_high_max, _EPS_MAX)))
+
     def validate(self) -> None:
-        for name in ("eps_low", "eps_high", "eps_low_min", "eps_low_max", "eps_high_min", "eps_high_max"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.eps_low_min > self.eps_low_max:
-            raise ValueError(f"eps_low_min ({self.eps_low_min}) must be <= eps_low_max ({self.eps_low_max})")
-        if self.eps_high_min > self.eps_high_max:
-            raise ValueError(f"eps_high_min ({self.eps_high_min}) must be <= eps_high_max ({self.eps_high_max})")
+        if self.adaptive:
+            inactive, why = ("eps_low", "eps_high"), "adaptive: true (eps_low_min/max, eps_high_min/max set the range)"
+        else:
+            inactive, why = ("eps_low_min", "eps_low_max", "eps_high_min", "eps_high_max"), "adaptive: false"
+        for name in inactive:
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} does nothing with {why}; remove it")
+        if self.invert and not self.adaptive:
+            raise ValueError("invert does nothing without adaptive: true")
+        (lo_min, lo_max), (hi_min, hi_max) = self.ranges()
+        values = {"eps_low": self.fixed()[0], "eps_high": self.fixed()[1], "eps_low_min": lo_min, "eps_low_max": lo_max,
+                  "eps_high_min": hi_min, "eps_high_max": hi_max}
+        for name, v in values.items():
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
+        if lo_min > lo_max:
+            raise ValueError(f"eps_low_min ({lo_min}) must be <= eps_low_max ({lo_max})")
+        if hi_min > hi_max:
+            raise ValueError(f"eps_high_min ({hi_min}) must be <= eps_high_max ({hi_max})")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+
+
+_EPS, _EPS_MIN, _EPS_MAX = 0.2, 0.1, 0.3  # ClipConfig's documented nulls
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 @dataclass
@@ -310,3 +342,16 @@ class AlgoConfig:
                     f"overlong.penalty_factor ({self.overlong.penalty_factor}) must be <= {floor:.6g} with method "
                     f"{self.method!r}: a larger penalty can push a correct response's reward below a wrong one's"
                 )
+
+
+def validate_all(cfg: AlgoConfig) -> None:
+    """Every section's ``validate()``, then ``AlgoConfig.validate()``: the checks loading a YAML runs, for a
+    hand-built config (``build_method`` calls this). Raises ValueError naming the key (``algo.scpo: ...``)."""
+    for f in fields(cfg):
+        check = getattr(getattr(cfg, f.name), "validate", None)
+        if callable(check):
+            try:
+                check()
+            except ValueError as e:
+                raise ValueError(f"algo.{f.name}: {e}") from None
+    cfg.validate()

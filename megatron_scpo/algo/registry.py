@@ -1,8 +1,10 @@
-"""The trainer's one entry point: ``build_method(cfg)`` -> a Method (reward + advantage + clip policy).
+"""The trainer's one entry point: ``build_method(cfg, scan=...)`` -> a Method (reward + advantage + clip policy).
 
 The trainer fills a ``GroupedRollouts`` (B samples, G per prompt, flattened; any group order), calls
 ``method.compute(rollouts)`` and feeds ``MethodOutput.advantages / eps_low / eps_high`` to
 ``losses.policy_loss``. LAPO's length map lives in the method and travels with ``state_dict()``.
+``scan`` is S-GAE's discounted scan (``advantages.DiscountedScan``): the spec by default, the kernel op
+(``scpo_kernels.gae.step_discounted_sum``) in the trainer.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import torch
 from torch import Tensor
 
 from megatron_scpo.algo.advantages import (
+    DiscountedScan,
     bounded,
     broadcast_to_tokens,
+    discounted_reverse_sum,
     s_gae,
     s_gae_critic,
     values_at_step_starts,
 )
 from megatron_scpo.algo.clipping import adaptive_clip
-from megatron_scpo.algo.config import AlgoConfig, min_outcome_gap
+from megatron_scpo.algo.config import AlgoConfig, min_outcome_gap, validate_all
 from megatron_scpo.algo.groups import check_finite, group_index, group_normalize, masked_group_stats
 from megatron_scpo.algo.rewards.baselines import (
     accuracy_reward,
@@ -96,8 +100,6 @@ class MethodOutput:
     eps_low: Tensor
     eps_high: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
-    step_rewards: Tensor | None = None  # [B, K] for step-level methods
-    step_advantages: Tensor | None = None
 
 
 @runtime_checkable
@@ -131,13 +133,17 @@ def _batch_metrics(r: GroupedRollouts) -> dict[str, float]:
 
 
 class MethodBase:
-    """Shared plumbing: validation, clip policy, NaN guard, common metrics; subclasses define ``_advantages``."""
+    """Shared plumbing: validation, clip policy, NaN guard, common metrics; subclasses define ``_advantages``.
+
+    ``scan``: the discounted scan of step-level advantages (S-GAE; only ``scpo`` has steps to scan).
+    """
 
     name = "base"
     needs_importance = False
 
-    def __init__(self, cfg: AlgoConfig) -> None:
+    def __init__(self, cfg: AlgoConfig, scan: DiscountedScan = discounted_reverse_sum) -> None:
         self.cfg = cfg
+        self.scan = scan
 
     def prepare_prompt(self, prompt: str, key: str) -> str:
         return prompt
@@ -148,13 +154,13 @@ class MethodBase:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         return None
 
-    def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float], dict[str, Tensor]]:
-        """-> (token advantages [B, T], sequence rewards [B], metrics, extra MethodOutput fields)."""
+    def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """-> (token advantages [B, T], sequence rewards [B], metrics)."""
         raise NotImplementedError
 
     def compute(self, r: GroupedRollouts) -> MethodOutput:
         r.validate()
-        adv, rewards, metrics, extra = self._advantages(r)
+        adv, rewards, metrics = self._advantages(r)
         check_finite(f"{self.name}: rewards", rewards)
         check_finite(f"{self.name}: advantages", adv)
         adv = torch.where(r.response_mask.bool(), adv.to(torch.float32), torch.zeros((), dtype=torch.float32))
@@ -173,7 +179,7 @@ class MethodBase:
             }
         )
         out_metrics.update(metrics)
-        return MethodOutput(adv, rewards.to(torch.float32), eps_low, eps_high, out_metrics, **extra)
+        return MethodOutput(adv, rewards.to(torch.float32), eps_low, eps_high, out_metrics)
 
 
 class SequenceRewardMethod(MethodBase):
@@ -182,7 +188,7 @@ class SequenceRewardMethod(MethodBase):
     def _rewards(self, r: GroupedRollouts) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float], dict[str, Tensor]]:
+    def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float]]:
         rewards, metrics = self._rewards(r)
         ol = self.cfg.overlong
         if ol.enabled:
@@ -195,7 +201,7 @@ class SequenceRewardMethod(MethodBase):
         check_finite(f"{self.name}: rewards", rewards)
         a = self.cfg.advantage
         seq_adv = group_normalize(rewards, r.group_ids, scale_std=a.scale_std, unbiased=a.unbiased_std, eps=a.eps)
-        return seq_adv[:, None].expand_as(r.step_ids).to(torch.float64), rewards, metrics, {}
+        return seq_adv[:, None].expand_as(r.step_ids).to(torch.float64), rewards, metrics
 
 
 class GrpoMethod(SequenceRewardMethod):
@@ -236,8 +242,8 @@ def _group_keys(r: GroupedRollouts) -> dict[int, tuple[str, list[int]]]:
 class LapoMethodBase(SequenceRewardMethod):
     """LAPO stages share the length map (stage 1 writes it, stage 2 reads and refines it)."""
 
-    def __init__(self, cfg: AlgoConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: AlgoConfig, scan: DiscountedScan = discounted_reverse_sum) -> None:
+        super().__init__(cfg, scan)
         self.length_map = LengthMap(cfg.lapo.default_budget)
 
     def state_dict(self) -> dict[str, Any]:
@@ -324,7 +330,7 @@ class CalibrationMethod(MethodBase):
 
     name = "calibration"
 
-    def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float], dict[str, Tensor]]:
+    def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float]]:
         cc = self.cfg.calibration
         rewards, d, lam, lopt = calibration_rewards(
             r.correct, r.response_lengths, r.group_ids, variance=cc.variance, eps=cc.eps, truncated=r.truncated
@@ -337,7 +343,7 @@ class CalibrationMethod(MethodBase):
             "calib/lambda_mean": float(lam[first].mean()),
             "calib/penalized_frac": float((d > 0).to(torch.float64).mean()),
         }
-        return adv[:, None].expand_as(r.step_ids), rewards, metrics, {}
+        return adv[:, None].expand_as(r.step_ids), rewards, metrics
 
 
 class ScpoMethod(MethodBase):
@@ -360,7 +366,7 @@ class ScpoMethod(MethodBase):
             w[b, : v.numel()] = v
         return w
 
-    def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float], dict[str, Tensor]]:
+    def _advantages(self, r: GroupedRollouts) -> tuple[Tensor, Tensor, dict[str, float]]:
         sc = self.cfg.scpo
         step_ids = torch.where(r.response_mask.bool(), r.step_ids, torch.full_like(r.step_ids, -1))
         lengths, num_steps = step_lengths_batch(step_ids)
@@ -373,18 +379,16 @@ class ScpoMethod(MethodBase):
         inv, n = group_index(r.group_ids)
         gl = sc.gamma * sc.lam
         a_len = torch.zeros_like(step_r)
-        if sc.advantage == "s_gae":
-            if sc.reduce != "mean":  # AlgoConfig validation says so too; a hand-built config must not slip past
-                raise ValueError("scpo.advantage s_gae needs reduce: mean (see ScpoConfig)")
-            step_a = s_gae(step_r, mask, r.group_ids, gamma_lambda=gl, reduce="mean", eps=sc.std_eps,
-                           std_floor=sc.std_floor)
+        if sc.advantage == "s_gae":  # reduce is mean (ScpoConfig.validate, run by build_method)
+            step_a = s_gae(step_r, mask, r.group_ids, gamma_lambda=gl, reduce=sc.reduce, eps=sc.std_eps,
+                           std_floor=sc.std_floor, scan=self.scan)
         else:
             a = self.cfg.advantage
             outcome = group_normalize(c.to(torch.float64), r.group_ids, scale_std=a.scale_std,
                                       unbiased=a.unbiased_std, eps=a.eps)
             if sc.advantage == "split":
                 s = s_gae(step_r, cm, r.group_ids, gamma_lambda=gl, reduce=sc.reduce, eps=sc.std_eps,
-                          std_floor=sc.std_floor)
+                          std_floor=sc.std_floor, scan=self.scan)
             else:
                 if r.values is None:
                     raise ValueError("scpo.advantage=critic needs GroupedRollouts.values (critic values [B, T])")
@@ -392,7 +396,7 @@ class ScpoMethod(MethodBase):
                 mean, _, _ = masked_group_stats(step_r, gid, n, cm)
                 v = values_at_step_starts(r.values.to(torch.float64), step_ids, K)
                 s, _ = s_gae_critic(torch.where(cm, step_r - mean[gid], torch.zeros_like(step_r)), v, cm,
-                                    gamma=sc.gamma, lam=sc.lam)
+                                    gamma=sc.gamma, lam=sc.lam, scan=self.scan)
             bound = sc.len_gap_frac * min_outcome_gap(a)  # < every correct-vs-wrong gap of `outcome`
             a_len = torch.where(cm, bounded(s, bound, sc.len_coef), torch.zeros_like(s))
             step_a = (outcome[:, None] + a_len) * mask
@@ -414,10 +418,10 @@ class ScpoMethod(MethodBase):
             else 0.0,
             "adv/len_abs_mean": float(a_len[cm].abs().mean()) if bool(cm.any()) else 0.0,
         }
-        return adv, seq_r, metrics, {"step_rewards": step_r.to(torch.float32), "step_advantages": step_a.to(torch.float32)}
+        return adv, seq_r, metrics
 
 
-METHODS: dict[str, Callable[[AlgoConfig], Method]] = {
+METHODS: dict[str, Callable[[AlgoConfig, DiscountedScan], Method]] = {
     "scpo": ScpoMethod,
     "lapo_stage1": LapoStage1Method,
     "lapo_stage2": LapoStage2Method,
@@ -427,10 +431,16 @@ METHODS: dict[str, Callable[[AlgoConfig], Method]] = {
 }
 
 
-def build_method(cfg: AlgoConfig) -> Method:
-    """Config -> method object (one per run; keep it: LAPO carries state across steps)."""
+def build_method(cfg: AlgoConfig, scan: DiscountedScan = discounted_reverse_sum) -> Method:
+    """Config -> method object (one per run; keep it: LAPO carries state across steps).
+
+    Validates ``cfg`` first (every section, then the cross-section rules), so a hand-built AlgoConfig meets
+    the checks a loaded YAML meets; raises ValueError naming the field. ``scan``: S-GAE's discounted scan
+    (``DiscountedScan``; default the spec, the trainer passes ``scpo_kernels.gae.step_discounted_sum``).
+    """
     try:
         factory = METHODS[cfg.method]
     except KeyError:
         raise ValueError(f"algo.method {cfg.method!r} is not implemented; choose one of {sorted(METHODS)}") from None
-    return factory(cfg)
+    validate_all(cfg)
+    return factory(cfg, scan)

@@ -343,13 +343,15 @@ class Pipeline:
         self._finish("stage1")
 
     def rl(self, name: str) -> None:
+        from scpo_kernels.gae import step_discounted_sum
+
         from megatron_scpo.algo.registry import build_method
         from megatron_scpo.data.datasets import PromptIterator
         from megatron_scpo.trainer.rl import rl_step
         from megatron_scpo.trainer.sft import set_lr
 
         rt, c = self.rt, self.cfg.rl
-        method = build_method(algo_for(self.cfg, name))
+        method = build_method(algo_for(self.cfg, name), scan=step_discounted_sum)  # S-GAE runs the kernel's scan
         it = PromptIterator(self.data["train"], seed=self.cfg.data.shuffle_seed)
         start = int(self.state.get("rl_step") or 0)
         sequential = self.cfg.compare.mode == "sequential"

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_scpo.algo.config import AlgoConfig
-from megatron_scpo.algo.registry import GroupedRollouts, build_method
+from megatron_scpo.algo.registry import GroupedRollouts, ScpoMethod, build_method
 from megatron_scpo.config import load_config
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -167,9 +167,9 @@ def test_issue_example_long_correct_stays_above_wrong():
     assert min(tm[:6]) > tm[6]  # it is still ranked below the other correct ones
     assert min(tm[:6]) - tm[6] < 0.7  # but one token among 40 is a small signal (floors; 1.43 without them)
     unbounded = AlgoConfig(method="scpo")
-    unbounded.scpo.len_gap_frac = 1e9  # ~ the pre-fix form (b tanh(x / b) ~ x; no validation here), no floors
+    unbounded.scpo.len_gap_frac = 1e9  # ~ the pre-fix form (b tanh(x / b) ~ x), no floors
     unbounded.scpo.length_sd_floor, unbounded.scpo.std_floor = 0.0, 0.0
-    a = build_method(unbounded).compute(r).advantages
+    a = ScpoMethod(unbounded).compute(r).advantages  # the class: build_method validates (refuses 1e9)
     assert (a.double().sum(1) / r.response_mask.sum(1))[6].item() == pytest.approx(-3.395, abs=1e-3)
 
 

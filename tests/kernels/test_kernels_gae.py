@@ -221,3 +221,106 @@ def test_sgae_non_contiguous_inputs():
             ar, rr = sgae_ref(r, mask, **kw)
             torch.testing.assert_close(adv.double(), ar, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(ret.double(), rr, rtol=1e-5, atol=1e-5)
+
+
+# --- step_discounted_sum: the scan the trainer injects into the SCPO method (spec: algo's discounted_reverse_sum)
+
+
+def _step_grid(seed: int, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, k, generator=g, dtype=torch.float64)
+    mask = torch.arange(k)[None, :] < torch.randint(0, k + 1, (b,), generator=g)[:, None]  # contiguous from 0
+    return x, mask
+
+
+@given(st.integers(1, 6), st.integers(0, 128), st.sampled_from([0.0, 0.5, 0.45, 0.999, 1.0]),
+       st.sampled_from(["sum", "mean"]), st.integers(0, 10_000))
+def test_step_discounted_sum_is_bitwise_the_spec_up_to_128_steps(b, k, decay, reduce, seed):
+    """fp64, K <= 128 (the column recurrence): the same floating-point operations as the spec, so equal bits."""
+    from scpo_kernels.gae import step_discounted_sum
+
+    from megatron_scpo.algo.advantages import discounted_reverse_sum
+
+    x, mask = _step_grid(seed, b, k)
+    assert torch.equal(step_discounted_sum(x, mask, decay, reduce=reduce), discounted_reverse_sum(x, mask, decay,
+                                                                                                   reduce=reduce))
+
+
+@pytest.mark.parametrize("k", [129, 700])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_step_discounted_sum_long_rows_and_triton_match_the_spec(k, reduce):
+    """Beyond 128 steps the blocked matmuls (within 1e-12 in fp64); the Triton scan is fp32 (within 1e-5)."""
+    from scpo_kernels.gae import step_discounted_sum
+
+    from megatron_scpo.algo.advantages import discounted_reverse_sum
+
+    x, mask = _step_grid(k, 5, k)
+    ref = discounted_reverse_sum(x, mask, 0.9, reduce=reduce)
+    torch.testing.assert_close(step_discounted_sum(x, mask, 0.9, reduce=reduce), ref, rtol=1e-12, atol=1e-12)
+    before = LAUNCHES.get("gae_scan", 0)
+    got = step_discounted_sum(x, mask, 0.9, reduce=reduce, impl="triton")
+    assert LAUNCHES.get("gae_scan", 0) > before
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_step_discounted_sum_bad_input():
+    from scpo_kernels.gae import step_discounted_sum
+
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="contiguous from column 0"):
+        step_discounted_sum(x, torch.tensor([[True, False, True, False], [True] * 4]), 0.5)
+    with pytest.raises(ValueError, match="reduce"):
+        step_discounted_sum(x, torch.ones(2, 4, dtype=torch.bool), 0.5, reduce="max")
+    with pytest.raises(ValueError, match="step_mask"):
+        step_discounted_sum(x, torch.ones(2, 3, dtype=torch.bool), 0.5)
+    empty = step_discounted_sum(torch.zeros(3, 0, dtype=torch.float64), torch.zeros(3, 0, dtype=torch.bool), 0.5)
+    assert empty.shape == (3, 0) and empty.dtype == torch.float64
+
+
+def _scpo_rollouts(seed: int, groups: int, g_size: int, max_steps: int):
+    """Random SCPO batch: per sample 1..max_steps steps of 1..4 tokens, importance on correct samples, critic values."""
+    from megatron_scpo.algo.registry import GroupedRollouts
+
+    gen = torch.Generator().manual_seed(seed)
+    b = groups * g_size
+    ks = torch.randint(1, max_steps + 1, (b,), generator=gen)
+    per_step = [torch.randint(1, 5, (int(k),), generator=gen) for k in ks]
+    lengths = torch.stack([p.sum() for p in per_step])
+    t = int(lengths.max()) + 3
+    step_ids = torch.full((b, t), -1, dtype=torch.long)
+    for i, p in enumerate(per_step):
+        step_ids[i, : int(lengths[i])] = torch.repeat_interleave(torch.arange(p.numel()), p)
+    correct = torch.rand(b, generator=gen) < 0.6
+    imp = [torch.rand(int(k), generator=gen, dtype=torch.float64) if c else None for k, c in zip(ks, correct)]
+    return GroupedRollouts(
+        group_ids=torch.arange(groups).repeat_interleave(g_size), correct=correct, response_lengths=lengths,
+        step_ids=step_ids, response_mask=step_ids >= 0, truncated=torch.zeros(b, dtype=torch.bool),
+        prompt_keys=[f"q{i // g_size}" for i in range(b)], step_importance=imp,
+        values=torch.randn(b, t, generator=gen),
+    )
+
+
+@pytest.mark.parametrize("mode", ["split", "s_gae", "critic"])
+@pytest.mark.parametrize("seed", range(4))
+def test_scpo_method_with_the_kernel_scan_equals_the_spec(mode, seed):
+    """ScpoMethod.compute with the trainer's scan (the kernel) gives the same advantages, rewards and metrics as
+    with the spec's: bitwise up to 128 steps (every shipped config's step grid), within 1e-6 beyond (fp64 matmul
+    order; the advantages are fp32)."""
+    from scpo_kernels.gae import step_discounted_sum
+
+    from megatron_scpo.algo.config import AlgoConfig
+    from megatron_scpo.algo.registry import build_method
+
+    cfg = AlgoConfig(method="scpo")
+    cfg.scpo.advantage = mode
+    if mode == "s_gae":
+        cfg.scpo.reduce = "mean"
+    for max_steps, exact in ((40, True), (200, False)):
+        r = _scpo_rollouts(seed, 4, 6, max_steps)
+        spec, kern = build_method(cfg).compute(r), build_method(cfg, scan=step_discounted_sum).compute(r)
+        assert spec.advantages.abs().sum() > 0
+        if exact:
+            assert torch.equal(kern.advantages, spec.advantages) and kern.metrics == spec.metrics
+        else:
+            torch.testing.assert_close(kern.advantages, spec.advantages, rtol=1e-6, atol=1e-6)
+        assert torch.equal(kern.rewards, spec.rewards)
