@@ -368,7 +368,9 @@ def sec_megatron(args: argparse.Namespace) -> dict[str, Any]:
 
     from megatron_scpo.backend.config import ParallelConfig
     from megatron_scpo.backend.policy import MegatronPolicy
+    from megatron_scpo.backend.seam import TrainBatch
     from megatron_scpo.trainer.config import OptimConfig
+    from megatron_scpo.trainer.loss import SFTLoss
 
     cuda = torch.cuda.is_available()
     te = _version("transformer_engine")
@@ -431,9 +433,9 @@ def sec_megatron(args: argparse.Namespace) -> dict[str, Any]:
     t_fwd = timed(lambda: policy.compute_logprobs(ids, am), steps)
     loss_mask = am.clone()
     loss_mask[:, 0] = 0  # the first token has no log-prob
-    batch = {"input_ids": ids, "attention_mask": am, "loss_mask": loss_mask}
-    policy.train_step(batch, loss="sft")  # warm-up (optimizer state)
-    t_step = timed(lambda: policy.train_step(batch, loss="sft"), steps)
+    batch = TrainBatch(input_ids=ids, attention_mask=am, loss_mask=loss_mask)
+    policy.train_step(batch, SFTLoss())  # warm-up (optimizer state)
+    t_step = timed(lambda: policy.train_step(batch, SFTLoss()), steps)
     res.update(forward_s=t_fwd, forward_tokens_per_s=tokens / t_fwd, train_step_s=t_step,
                train_tokens_per_s=tokens / t_step, train_model_tflops=6 * n_params * tokens / t_step / 1e12)
     if cuda:
@@ -516,15 +518,13 @@ def sec_rl_step(args: argparse.Namespace) -> dict[str, Any]:
 
 def _move_policy_inputs(policy: Any, dev: str) -> None:
     """Wrap ``compute_logprobs`` / ``train_step`` to move tensor inputs to ``dev`` (log-probs come back on CPU)."""
-    import torch
-
     cl, ts = policy.compute_logprobs, policy.train_step
 
     def compute_logprobs(ids: Any, mask: Any, *a: Any, **k: Any) -> Any:
         return cl(ids.to(dev), mask.to(dev), *a, **k).cpu()
 
-    def train_step(batch: dict[str, Any], *a: Any, **k: Any) -> Any:
-        return ts({n: (v.to(dev) if torch.is_tensor(v) else v) for n, v in batch.items()}, *a, **k)
+    def train_step(batch: Any, *a: Any, **k: Any) -> Any:  # a backend.seam.TrainBatch
+        return ts(batch.to(dev), *a, **k)
 
     policy.compute_logprobs, policy.train_step = compute_logprobs, train_step
 

@@ -1,4 +1,8 @@
-"""Policy loss (the spec the fused kernel must match exactly) and the response-token SFT loss.
+"""Policy loss (the spec ``scpo_kernels.policy_loss``, the op that trains, must match exactly) and the
+response-token SFT loss.
+
+``sft_loss`` and ``truncated_is_weights`` are also the production code: the trainer's ``SFTLoss`` /
+``PolicyLoss`` (``megatron_scpo/trainer/loss.py``) call them.
 
 Per token, with ``ratio = exp(clamp(logp - old, -20, 20))`` and per-sample clip ranges::
 

@@ -1,9 +1,9 @@
-"""Per-token log-probs from vocab-parallel logits, and the micro-batch weights of the global loss.
+"""Per-token log-probs from vocab-parallel logits.
 
 Log-probs use ``scpo_kernels.fused_logprobs`` (vocab-parallel over the TP group); padded vocab rows (vocab
-padded to 128*TP) get a very negative logit, never probability mass. Aggregation is the kernels'
-``aggregate`` / ``policy_loss``; ``agg_units`` says how many units each mode averages over, so the backend
-can weight micro-batches to reproduce the global-batch aggregate.
+padded to 128*TP) get a very negative logit, never probability mass. The losses, their aggregation and its
+units live in ``scpo_kernels`` (``policy_loss``, ``aggregate``, ``agg_units``); the trainer's loss functions
+(``trainer/loss.py``) call them.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from scpo_kernels import aggregate, fused_logprobs, policy_loss
+from scpo_kernels import fused_logprobs
 
-__all__ = ["AGG_MODES", "agg_units", "aggregate", "mask_padded_vocab", "policy_loss", "token_logprobs"]
-
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+__all__ = ["mask_padded_vocab", "token_logprobs"]
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
@@ -55,18 +53,3 @@ def token_logprobs(
     lp = lp.reshape(b, s - 1).float()
     return torch.cat([torch.zeros(b, 1, dtype=lp.dtype, device=lp.device), lp], dim=1)
 
-
-def agg_units(mask: torch.Tensor, agg: str) -> torch.Tensor:
-    """How many units ``agg`` averages over in this (micro-)batch: tokens or non-empty sequences.
-
-    Rows with no loss token (padding rows, samples masked out by overlong filtering) never count, exactly as
-    in ``scpo_kernels.aggregate``.
-
-    Summing units over micro-batches and DP ranks gives the global normalizer, so that
-    sum_mb loss_mb * units_mb / units_global equals the loss of the whole global batch.
-    """
-    if agg == "token-mean":
-        return mask.sum().to(torch.float64)
-    if agg in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):  # both normalize by non-empty rows (kernels)
-        return (mask.sum(-1) > 0).sum().to(torch.float64)
-    raise ValueError(f"loss aggregation {agg!r} is not supported; choose one of {list(AGG_MODES)}")

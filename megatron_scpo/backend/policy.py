@@ -2,7 +2,8 @@
 
 Batch layout (both calls): ``input_ids`` / ``attention_mask`` [B, S] **right-padded** (each mask row is
 1...1 0...0; left padding is rejected). Under data parallelism every call receives *this DP rank's* part of
-the global batch; the TP/PP ranks of one DP replica must pass identical tensors.
+the global batch; the TP/PP ranks of one DP replica must pass identical tensors. ``train_step`` takes a typed
+``TrainBatch`` and the trainer's loss function (``backend/seam.py``: what crosses the seam and what comes back).
 
 Packed sequences (``ParallelConfig.packed_sequences``, the default; ``backend/packing.py``): each micro-batch's
 rows are concatenated into one THD row (Megatron ``PackedSeqParams``, cu_seqlens; per-sequence RoPE positions,
@@ -12,8 +13,8 @@ Without packing: one [mbs, S] block per micro-batch, megatron's RoPE on position
 
 Loss scaling (``train_step``): the loss is the aggregate over the **global** batch (all micro-batches of all
 DP ranks), e.g. token-mean = sum of per-token terms / total response tokens, not a mean of micro-batch
-means. Each micro-batch's loss from ``policy_loss`` is weighted by units_mb / units_global (units = tokens,
-non-empty sequences or rows, per aggregation mode; units_global is all-reduced over DP before the schedule
+means. Each micro-batch's loss from the loss function is weighted by units_mb / units_global (``LossFn.units``:
+tokens or non-empty sequences, per aggregation mode; units_global is all-reduced over DP before the schedule
 runs) and multiplied by num_microbatches * dp, which cancels the schedule's 1/num_microbatches and DDP's
 gradient averaging over DP. The reported ``loss`` is exactly the global-batch loss.
 """
@@ -35,7 +36,6 @@ import torch
 import torch.distributed as dist
 from scpo_kernels import NonFiniteError
 
-from megatron_scpo.algo import losses as algo_losses
 from megatron_scpo.backend import logprobs as lpmod
 from megatron_scpo.backend.config import ParallelConfig
 from megatron_scpo.backend.model import build_model, parse_hf_config, unwrap
@@ -45,14 +45,10 @@ from megatron_scpo.backend.packing import (
     token_budget_micro_batches,
 )
 from megatron_scpo.backend.parallel import init_parallel
+from megatron_scpo.backend.seam import BatchError, LossFn, TrainBatch
 
 CKPT_META = "scpo_backend_meta.json"
 CKPT_FORMAT_VERSION = 1
-POLICY_KEYS = ("advantages", "old_logprobs", "eps_low", "eps_high")
-
-
-class BatchError(ValueError):
-    """A train/log-prob batch with missing keys, wrong shapes or unsupported padding."""
 
 
 class CheckpointError(ValueError):
@@ -188,14 +184,16 @@ class MegatronPolicy:
             return balanced_partition(lengths, -(-b // mbs), max_size=mbs)
         return [list(range(i, min(i + mbs, b))) for i in range(0, b, mbs)]
 
-    def _packed_micro_batches(self, tensors: dict[str, torch.Tensor], plan: list[list[int]]) -> list[dict[str, Any]]:
-        """One dict per micro-batch: its rows of every ``[B, ...]`` tensor plus ``_rows`` and (packed) ``_packed``.
+    def _packed_micro_batches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: list[list[int]],
+                              batch: TrainBatch | None = None) -> list[dict[str, Any]]:
+        """One dict per micro-batch: its rows of ``input_ids`` / ``attention_mask``, ``_rows``, (packed) ``_packed``
+        and (training) ``batch``, the micro-batch's rows of the TrainBatch that the loss function reads.
 
         Packed rows share one length under PP (megatron's P2P exchanges [T, 1, hidden] of a fixed T per
         schedule: the longest micro-batch's real tokens), rounded up to a multiple of TP under sequence
         parallelism (the sequence dimension is split over TP ranks).
         """
-        am = tensors["attention_mask"]
+        am = attention_mask
         mult = self.parallel.tp if self.config.sequence_parallel else 1
         row_len = None
         if self.packed and self.parallel.pp > 1:
@@ -204,8 +202,9 @@ class MegatronPolicy:
         out: list[dict[str, Any]] = []
         for rows in plan:
             ix = torch.as_tensor(rows, dtype=torch.long)
-            mb: dict[str, Any] = {k: v[ix] for k, v in tensors.items()}
-            mb["_rows"] = ix
+            mb: dict[str, Any] = {"input_ids": input_ids[ix], "attention_mask": am[ix], "_rows": ix}
+            if batch is not None:
+                mb["batch"] = batch.rows(ix)
             if self.packed:
                 mb["_packed"] = pack_rows(mb["input_ids"], mb["attention_mask"], 0, row_len=row_len, multiple_of=mult)
             out.append(mb)
@@ -320,8 +319,7 @@ class MegatronPolicy:
             return self._token_logprobs(mb, logits, temperature)
 
         if self.packed or self.max_tokens is not None:
-            mbs_list = self._packed_micro_batches({"input_ids": input_ids, "attention_mask": attention_mask},
-                                                  self._plan(attention_mask, mbs))
+            mbs_list = self._packed_micro_batches(input_ids, attention_mask, self._plan(attention_mask, mbs))
             out = self._run_schedule(mbs_list, partial(self._forward_step, collect), forward_only=True, collect=True)
             result = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
             if self._ps.is_pipeline_last_stage():
@@ -340,91 +338,49 @@ class MegatronPolicy:
         return self._broadcast_from_last_stage(result)[:b]
 
     # ------------------------------------------------------------------ training
-    def _validate_train_batch(self, batch: dict[str, torch.Tensor], loss: str) -> None:
-        required = ["input_ids", "attention_mask", "loss_mask"] + (list(POLICY_KEYS) if loss == "policy" else [])
-        missing = [k for k in required if k not in batch]
-        if missing:
-            raise BatchError(f"train batch for loss={loss!r} is missing keys {missing}; got {sorted(batch)}")
-        self._check_seq(batch["input_ids"], batch["attention_mask"])
-        b, s = batch["input_ids"].shape
-        for k in ("loss_mask", "advantages", "old_logprobs", "rollout_logprobs", "ref_logprobs"):
-            if k in batch and tuple(batch[k].shape) != (b, s):
-                raise BatchError(f"batch[{k!r}] must have shape {(b, s)}, got {tuple(batch[k].shape)}")
-        for k in ("eps_low", "eps_high"):
-            if k in batch and tuple(batch[k].shape) != (b,):
-                raise BatchError(f"batch[{k!r}] must have shape {(b,)} (one clip range per sample), got {tuple(batch[k].shape)}")
-        if bool(batch["loss_mask"][:, 0].any()):
-            raise BatchError("loss_mask[:, 0] must be 0: the first token has no log-prob")
-        if bool((batch["loss_mask"].bool() & ~batch["attention_mask"].bool()).any()):
-            raise BatchError("loss_mask marks padding tokens (attention_mask == 0)")
-        if not self.packed and self.max_tokens is None and b % self.micro_batch_size != 0:
-            raise BatchError(f"batch size {b} is not a multiple of micro_batch_size={self.micro_batch_size}")
-        for k, v in batch.items():
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise BatchError(f"batch[{k!r}] contains NaN/inf")
+    def _validate_train_batch(self, batch: TrainBatch, loss_fn: LossFn) -> None:
+        if not isinstance(batch, TrainBatch):
+            raise BatchError(f"train_step takes a backend.seam.TrainBatch, got {type(batch).__name__}")
+        self._check_seq(batch.input_ids, batch.attention_mask)
+        batch.validate(tuple(loss_fn.requires))
+        if not self.packed and self.max_tokens is None and batch.size % self.micro_batch_size != 0:
+            raise BatchError(f"batch size {batch.size} is not a multiple of micro_batch_size={self.micro_batch_size}")
 
     def _loss_func(
         self,
-        loss: str,
-        kw: dict[str, Any],
+        loss_fn: LossFn,
         units_global: float,
         n_mb: int,
-        mb: dict[str, torch.Tensor],
+        mb: dict[str, Any],
         logits: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Megatron's loss_func: the trainer's loss on this micro-batch, scaled to its share of the global loss."""
+        zero = torch.zeros((), dtype=torch.float32)
+        mask = mb["batch"].loss_mask.bool()
+        ntok = mask.sum().to(torch.float32)
         try:
-            lp = self._token_logprobs(mb, logits, kw.get("temperature", 1.0))
+            lp = self._token_logprobs(mb, logits, loss_fn.temperature)
         except NonFiniteError:
             # NaN/inf logits: the kernel refuses them (never a silent NaN). Raising here would leave the other
             # pipeline stages / DP replicas waiting in the schedule's collectives, so the micro-batch becomes
             # a NaN loss instead: backward and the metric all-reduces run as usual on every rank, then
             # train_step sees the NaN loss everywhere and skips the optimizer step.
             nan = logits.float().sum() * float("nan")
-            report = {"loss": nan.detach().reshape(()), "tokens": mb["loss_mask"].sum().float()}
-            zero = torch.zeros((), dtype=torch.float32)
-            return nan, {**report, "clip_low": zero, "clip_high": zero, "kl": zero}
-        mask = mb["loss_mask"].bool()
-        agg = kw.get("agg", "token-mean") if loss == "policy" else "token-mean"
-        units = float(lpmod.agg_units(mask, agg))
+            return nan, {"loss": nan.detach().reshape(()), "tokens": ntok, **{n: zero for n in loss_fn.stat_names}}
+        units = float(loss_fn.units(mask))
         weight = units / units_global if units_global > 0 else 0.0
-        ntok = mask.sum().to(torch.float32)
-        zero = torch.zeros((), dtype=torch.float32)
-        stats = {"clip_low": zero, "clip_high": zero, "kl": zero}
         if units == 0:
             value = (lp * 0.0).sum()  # keeps the graph connected for the pipeline's backward
-        elif loss == "sft":
-            value = lpmod.aggregate(-lp, mask, "token-mean")
+            stats = {n: zero for n in loss_fn.stat_names}
         else:
-            tis = None
-            if "rollout_logprobs" in mb:
-                tis = algo_losses.truncated_is_weights(
-                    mb["old_logprobs"].float(), mb["rollout_logprobs"].float(), cap=kw.get("tis_cap", 2.0)
-                )
-            value, m = lpmod.policy_loss(
-                lp,
-                mb["old_logprobs"].float(),
-                mb["advantages"].float(),
-                mask,
-                mb["eps_low"].float(),
-                mb["eps_high"].float(),
-                dual_clip=kw.get("dual_clip"),
-                tis_weights=tis,
-                agg=agg,
-                norm_length=kw.get("norm_length"),
-            )
-            stats["clip_low"] = m.get("clipfrac_low", zero).detach().float() * ntok
-            stats["clip_high"] = m.get("clipfrac_high", zero).detach().float() * ntok
-            kl_coef = float(kw.get("kl_coef", 0.0))
-            if kl_coef > 0:
-                k3 = kl_k3(lp, mb["ref_logprobs"].float(), mask)
-                value = value + kl_coef * lpmod.aggregate(k3, mask, agg, kw.get("norm_length"))
-                stats["kl"] = k3.detach().sum()  # token-mean over the global batch in _reduce_metrics
+            value, stats = loss_fn(mb["batch"], lp)
         contribution = value * weight
         report = {"loss": contribution.detach().clone().float(), "tokens": ntok.float(), **stats}
         return contribution * (n_mb * self.info.dp), report
 
-    def _reduce_metrics(self, dicts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        names = ["loss", "tokens", "clip_low", "clip_high", "kl"]
+    def _reduce_metrics(self, dicts: list[dict[str, torch.Tensor]], stat_names: tuple[str, ...]) -> dict[str, float]:
+        """Sum over micro-batches, pipeline stages and DP ranks; stats (token sums) become global token means."""
+        names = ["loss", "tokens", *stat_names]
         vec = torch.zeros(len(names), dtype=torch.float64)
         for d in dicts:
             vec += torch.stack([d[n].double().reshape(()) for n in names])
@@ -434,50 +390,30 @@ class MegatronPolicy:
             dist.all_reduce(vec, group=self._ps.get_data_parallel_group())
         out = dict(zip(names, vec.tolist()))
         tok = max(out["tokens"], 1.0)
-        return {
-            "loss": out["loss"],
-            "num_tokens": out["tokens"],
-            "clip_frac_low": out["clip_low"] / tok,
-            "clip_frac_high": out["clip_high"] / tok,
-            "kl": out["kl"] / tok,
-        }
+        return {"loss": out["loss"], "num_tokens": out["tokens"], **{n: out[n] / tok for n in stat_names}}
 
-    def train_step(
-        self, batch: dict[str, torch.Tensor], loss: str = "policy", loss_kwargs: dict[str, Any] | None = None
-    ) -> dict[str, float]:
-        """One optimizer step over this DP rank's batch (split into micro-batches); metrics averaged over DP.
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step of ``loss_fn`` over this DP rank's ``batch`` (micro-batched); metrics over the global batch.
 
-        loss="policy": clipped surrogate (per-sample eps_low/eps_high [B]); loss_kwargs: agg, dual_clip,
-        norm_length, temperature, tis_cap (with rollout_logprobs), kl_coef (with ref_logprobs).
-        loss="sft": NLL of the loss_mask tokens, token-mean over the global batch.
+        The loss is the aggregate over the global batch (module docstring). Returns: ``loss`` (the global-batch
+        loss), ``num_tokens`` (loss tokens, all DP ranks), one token mean per ``loss_fn.stat_names``,
+        ``grad_norm`` (before clipping), ``lr``, ``skipped``, ``nonfinite_loss``, ``nonfinite_grad_norm`` (0/1).
         A non-finite loss (including NaN/inf logits, scpo_kernels.NonFiniteError) or gradient norm skips the
         optimizer step (``skipped`` = 1.0, ``grad_norm`` reported as computed; ``nonfinite_loss`` /
         ``nonfinite_grad_norm`` = 1.0 say which) and leaves the weights and the Adam state unchanged.
+        Raises BatchError (before any compute) for a malformed batch or a field the loss reads but is missing.
         """
-        if loss not in ("policy", "sft"):
-            raise ValueError(f"loss must be 'policy' or 'sft', got {loss!r}")
-        kw = dict(loss_kwargs or {})
-        kl_coef = float(kw.get("kl_coef", 0.0))
-        if not (math.isfinite(kl_coef) and kl_coef >= 0):
-            raise ValueError(f"loss_kwargs['kl_coef'] must be a finite number >= 0, got {kw.get('kl_coef')!r}")
-        if loss == "policy" and kl_coef > 0 and "ref_logprobs" not in batch:
-            raise BatchError("loss_kwargs['kl_coef'] > 0 needs batch['ref_logprobs'] (reference-policy log-probs)")
-        agg = kw.get("agg", "token-mean") if loss == "policy" else "token-mean"
-        if agg not in lpmod.AGG_MODES:
-            raise ValueError(f"loss_kwargs['agg']={agg!r}; choose one of {list(lpmod.AGG_MODES)}")
-        self._validate_train_batch(batch, loss)
-        units = lpmod.agg_units(batch["loss_mask"].bool(), agg).reshape(1)
+        self._validate_train_batch(batch, loss_fn)
+        units = loss_fn.units(batch.loss_mask.bool()).reshape(1)
         if self.info.dp > 1:
             dist.all_reduce(units, group=self._ps.get_data_parallel_group())
-        if self.packed or self.max_tokens is not None:
-            mbs_list = self._packed_micro_batches(dict(batch), self._plan(batch["attention_mask"], self.micro_batch_size))
-        else:
-            mbs_list = self._micro_batches(dict(batch), self.micro_batch_size)
-        loss_fn = partial(self._loss_func, loss, kw, float(units), len(mbs_list))
+        plan = self._plan(batch.attention_mask, self.micro_batch_size)
+        mbs_list = self._packed_micro_batches(batch.input_ids, batch.attention_mask, plan, batch)
+        loss_func = partial(self._loss_func, loss_fn, float(units), len(mbs_list))
 
         self._zero_grads()
-        out = self._run_schedule(mbs_list, partial(self._forward_step, loss_fn), forward_only=False, collect=False)
-        metrics = self._reduce_metrics(out if self._ps.is_pipeline_last_stage() else [])
+        out = self._run_schedule(mbs_list, partial(self._forward_step, loss_func), forward_only=False, collect=False)
+        metrics = self._reduce_metrics(out if self._ps.is_pipeline_last_stage() else [], tuple(loss_fn.stat_names))
         if not torch.isfinite(torch.tensor(metrics["loss"])):
             self._zero_grads()
             return {**metrics, "grad_norm": float("nan"), "lr": self.lr, "skipped": 1.0, "nonfinite_loss": 1.0,
@@ -700,12 +636,6 @@ class MegatronPolicy:
         dist.barrier()
         return meta
 
-
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The algo spec's per-token k3 KL on masked inputs (0 off ``mask``), so padding garbage never reaches the
-    loss or the gradient."""
-    zero = torch.zeros_like(logprobs)
-    return algo_losses.kl_k3(torch.where(mask, logprobs, zero), torch.where(mask, ref_logprobs, zero))
 
 
 def _load_optimizer_state(opt: Any, state: Any) -> None:

@@ -11,10 +11,13 @@ positions as the tokens themselves, matching the backend's log-prob convention
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+
+from megatron_scpo.backend.packing import balanced_partition
+from megatron_scpo.backend.seam import TrainBatch
 
 
 @dataclass
@@ -54,6 +57,34 @@ class PaddedBatch:
         s = max(self.prompt_lens[i] + self.response_lens[i] for i in idx)
         return PaddedBatch(self.input_ids[ix, :s], self.attention_mask[ix, :s], self.loss_mask[ix, :s],
                            [self.prompt_lens[i] for i in idx], [self.response_lens[i] for i in idx])
+
+    def train_batch(self, **fields: Tensor | None) -> TrainBatch:
+        """These rows as the backend's ``TrainBatch``; ``fields``: its optional fields (advantages, ...), ``[B, S]``
+        sequence-aligned (``scatter``) or ``[B]``."""
+        return TrainBatch(input_ids=self.input_ids, attention_mask=self.attention_mask, loss_mask=self.loss_mask,
+                          **fields)
+
+
+def dp_share(batch: TrainBatch, rows: Sequence[int], dp: int, dp_rank: int) -> TrainBatch:
+    """This data-parallel rank's part of ``rows`` of ``batch`` (one optimizer step), trimmed to its longest row.
+
+    Every rank gets the same number of rows, balanced by real tokens (``backend.packing.balanced_partition``,
+    LPT; verl balances DP ranks by sequence length too): under packing a rank computes its tokens, so token
+    balance is step-time balance. Each part keeps the order of ``rows`` (at DP=1 the batch is ``rows`` as
+    given). Fewer rows than ranks: the missing ones are copies of ``rows[0]`` with an empty loss mask, so every
+    rank runs the same collectives and adds nothing to the loss. The backend normalizes the loss over the global
+    batch, so the split changes no number beyond float summation order. Raises ValueError on no rows.
+    """
+    if not rows:
+        raise ValueError("dp_share: no rows to split")
+    n_pad = max(0, dp - len(rows))
+    cand = list(rows) + [rows[0]] * n_pad
+    lens = batch.seq_lens
+    part = balanced_partition([lens[i] for i in cand], dp, equal_size=True)[dp_rank]
+    idx = [cand[j] for j in part]
+    pad = torch.tensor([j >= len(rows) for j in part], dtype=torch.bool)
+    sub = batch.rows(idx).trimmed()
+    return replace(sub, loss_mask=sub.loss_mask.bool() & ~pad[:, None]) if bool(pad.any()) else sub
 
 
 def pad_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,

@@ -2,8 +2,8 @@
 
 rollout -> verify -> segment -> importance (SCPO) -> reward/advantage (algo registry) -> old log-probs
 recomputed by the trainer (+ rollout log-probs for TIS, + reference log-probs for the k3 KL term when
-algo.loss.kl_coef > 0, see reference.py) -> train_step through the backend (the loss path
-is the kernels' policy_loss dispatch) -> weight sync via the streaming export -> post-sync check ->
+algo.loss.kl_coef > 0, see reference.py) -> train_step through the backend (a TrainBatch and
+loss.py's PolicyLoss, which runs scpo_kernels.policy_loss) -> weight sync via the streaming export -> post-sync check ->
 metrics (+ checkpoint, driven by run.py).
 
 Rollouts (rank 0 generates, every rank gets the broadcast result), grading and the rollout filters
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from megatron_scpo.backend.packing import balanced_partition
-from megatron_scpo.trainer.batching import PaddedBatch, pad_batch, pad_response_tensors
+from megatron_scpo.backend.seam import LossFn, TrainBatch
+from megatron_scpo.trainer.batching import dp_share, pad_batch, pad_response_tensors
+from megatron_scpo.trainer.loss import PolicyLoss
 from megatron_scpo.trainer.metrics import IMPORTANCE_MEAN, TRAIN_METRIC_NAMES, PhaseTimer
 from megatron_scpo.trainer.rollouts import Rollouts, collect_rollouts, rollout_stats
 from megatron_scpo.trainer.runtime import Runtime
@@ -128,16 +130,15 @@ def synthetic_diagnostics(r: Rollouts, segs: list[Any], importance: list[torch.T
     return out
 
 
-def train_on(rt: Runtime, padded: PaddedBatch, tensors: dict[str, torch.Tensor], loss: str,
-             loss_kwargs: dict[str, Any], mini_batches: int, micro_batch_size: int,
+def train_on(rt: Runtime, batch: TrainBatch, loss_fn: LossFn, mini_batches: int, micro_batch_size: int,
              sample_mask: torch.Tensor | None = None) -> dict[str, float]:
-    """``mini_batches`` optimizer steps over consecutive slices of the batch; metrics averaged over them.
+    """``mini_batches`` optimizer steps of ``loss_fn`` over consecutive row slices of ``batch`` (the whole step's
+    rows, every rank); metrics averaged over them, named by ``TRAIN_METRIC_NAMES``.
 
-    With data parallelism the slice's rows are split over the DP ranks in equal counts balanced by token
-    count (``backend.packing.balanced_partition``, LPT; verl balances DP ranks by sequence length too), and
-    the backend all-reduces gradients and normalizes the loss over the global token count, so the split
-    changes no number beyond float summation order. Micro-batches inside a rank are the backend's
-    (``parallel.packed_sequences``, ``parallel.max_tokens_per_micro_batch``).
+    With data parallelism each slice's rows are split over the DP ranks by ``batching.dp_share`` (equal
+    counts balanced by tokens), and the backend all-reduces gradients and normalizes the loss over the global
+    batch, so the split changes no number beyond float summation order. Micro-batches inside a rank are the
+    backend's (``parallel.packed_sequences``, ``parallel.max_tokens_per_micro_batch``).
 
     ``sample_mask`` [B] bool (e.g. DAPO overlong filtering): rows outside it stay in the batch but leave
     the loss mask, so they add nothing to the loss numerator, its denominator (tokens for token-mean,
@@ -148,33 +149,21 @@ def train_on(rt: Runtime, padded: PaddedBatch, tensors: dict[str, torch.Tensor],
     than ``mini_batches * dp`` rows, it is cut into ``max(1, B // dp)`` mini-batches, and a slice with fewer
     rows than DP ranks is padded with fully masked copies of its first row.
     """
-    B = padded.input_ids.shape[0]
-    info = getattr(rt.policy, "info", None)
-    dp, dp_rank = (info.dp, info.dp_rank) if info is not None else (1, 0)
+    B = batch.size
+    dp, dp_rank = rt.policy.info.dp, rt.policy.info.dp_rank
     n_mb = min(mini_batches, max(1, B // dp))
     bounds = [round(i * B / n_mb) for i in range(n_mb + 1)]
-    seq_lens = padded.seq_lens
-    loss_mask = padded.loss_mask if sample_mask is None else padded.loss_mask & sample_mask.bool()[:, None]
+    if sample_mask is not None:
+        batch = replace(batch, loss_mask=batch.loss_mask & sample_mask.bool()[:, None])
     agg: dict[str, float] = {}
     skipped = empty = 0
     steps: list[dict[str, Any]] = []
     for k in range(n_mb):
         rows = list(range(bounds[k], bounds[k + 1]))
-        if not bool(loss_mask[rows].any()):
+        if not bool(batch.loss_mask[rows].any()):
             empty += 1
             continue
-        n_pad = max(0, dp - len(rows))
-        cand, is_pad = rows + [rows[0]] * n_pad, [False] * len(rows) + [True] * n_pad
-        # DP ranks get equal row counts balanced by tokens (LPT), not every dp-th row in arrival order
-        part = balanced_partition([seq_lens[i] for i in cand], dp, equal_size=True)[dp_rank]
-        idx, pad = [cand[j] for j in part], torch.tensor([is_pad[j] for j in part], dtype=torch.bool)
-        sub = padded.select(idx)
-        s = sub.input_ids.shape[1]
-        batch = {"input_ids": sub.input_ids, "attention_mask": sub.attention_mask,
-                 "loss_mask": loss_mask[idx, :s] & ~pad[:, None]}
-        for name, t in tensors.items():
-            batch[name] = t[idx] if t.dim() == 1 else t[idx, :s]
-        m = rt.train_step(batch, loss, loss_kwargs, micro_batch_size)
+        m = rt.train_step(dp_share(batch, rows, dp, dp_rank), loss_fn, micro_batch_size)
         skipped += int(bool(m.get("skipped", False)) or not math.isfinite(float(m.get("loss", 0.0))))
         steps.append(m)
     for m in steps:
@@ -223,27 +212,21 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
     sample_mask = ~torch.tensor(r.truncated, dtype=torch.bool) if cfg.rl.overlong_filter else None
     rollout_lp = padded.scatter(pad_response_tensors(r.rollout_logprobs))
     diff = (rollout_lp - old_lp).abs()[padded.loss_mask]
-    tensors = {
-        "advantages": padded.scatter(adv.to(torch.float32)),
-        "old_logprobs": old_lp.detach(),
-        "eps_low": out.eps_low.to(torch.float32),
-        "eps_high": out.eps_high.to(torch.float32),
-    }
-    loss_kwargs: dict[str, Any] = {"temperature": T, "agg": cfg.algo.loss.agg, "norm_length": cfg.algo.loss.norm_length,
-                                   "dual_clip": cfg.algo.clip.dual_clip}
-    if cfg.algo.loss.kl_coef > 0:  # k3 KL to the frozen reference (the rl_start weights, reference.py)
+    loss_fn = PolicyLoss.from_config(cfg.algo.loss, cfg.algo.clip.dual_clip, temperature=T)
+    ref_lp = None
+    if loss_fn.kl_coef > 0:  # k3 KL to the frozen reference (the rl_start weights, reference.py)
         ref = rt.reference
         if ref is None:
             raise RuntimeError("algo.loss.kl_coef > 0 but no reference policy was set up (Runtime.reference)")
         with timer.phase("ref_logprob"):
-            tensors["ref_logprobs"] = ref.logprobs(rt, padded, temperature=T)
-        loss_kwargs["kl_coef"] = cfg.algo.loss.kl_coef
-    if cfg.algo.loss.tis_cap is not None:  # truncated importance sampling: rollout vs trainer log-probs
-        tensors["rollout_logprobs"] = rollout_lp
-        loss_kwargs["tis_cap"] = cfg.algo.loss.tis_cap
+            ref_lp = ref.logprobs(rt, padded, temperature=T)
+    batch = padded.train_batch(
+        advantages=padded.scatter(adv.to(torch.float32)), old_logprobs=old_lp.detach(),
+        eps_low=out.eps_low.to(torch.float32), eps_high=out.eps_high.to(torch.float32), ref_logprobs=ref_lp,
+        # truncated importance sampling (rollout vs trainer log-probs) only with algo.loss.tis_cap set
+        rollout_logprobs=rollout_lp if loss_fn.tis_cap is not None else None)
     with timer.phase("train"):
-        train_m = train_on(rt, padded, tensors, "policy", loss_kwargs, cfg.rl.mini_batches, cfg.rl.micro_batch_size,
-                           sample_mask=sample_mask)
+        train_m = train_on(rt, batch, loss_fn, cfg.rl.mini_batches, cfg.rl.micro_batch_size, sample_mask=sample_mask)
     with timer.phase("sync"):
         sync_m = rt.sync_weights()
     metrics: dict[str, Any] = {}

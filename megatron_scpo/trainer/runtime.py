@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from megatron_scpo.backend.seam import LossFn, TrainBatch
 from megatron_scpo.config import ExperimentConfig
 from megatron_scpo.trainer.batching import PaddedBatch
 from megatron_scpo.trainer.checkpoint import CheckpointManager
@@ -127,19 +128,19 @@ class Runtime:
         return self.policy.compute_logprobs(padded.input_ids, padded.attention_mask, temperature=temperature,
                                             micro_batch_size=mbs)
 
-    def train_step(self, batch: dict[str, torch.Tensor], loss: str, loss_kwargs: dict[str, Any],
-                   micro_batch_size: int) -> dict[str, float]:
-        """One optimizer step; the micro-batch is the largest divisor of the batch <= ``micro_batch_size``
-        (padded layout), or ``micro_batch_size`` rows, the last micro-batch shorter (packed: no shape to keep)."""
-        b = int(batch["input_ids"].shape[0])
-        if getattr(self.policy, "packed", False):
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
+        """One optimizer step of ``loss_fn`` (``trainer/loss.py``) on this DP rank's ``batch``; the micro-batch is
+        the largest divisor of the batch <= ``micro_batch_size`` (padded layout), or ``micro_batch_size`` rows,
+        the last micro-batch shorter (packed: no shape to keep). Returns the backend's metrics (``train_step``)."""
+        b = batch.size
+        if self.policy.packed:
             mbs = min(b, micro_batch_size)
         else:
             mbs = max(d for d in range(1, min(b, micro_batch_size) + 1) if b % d == 0)
         self.policy.micro_batch_size = mbs
         # NaN/inf logits (scpo_kernels.NonFiniteError) become a NaN loss inside the backend, which then skips
         # the step on every rank with nonfinite_loss=1; a NaN/inf gradient norm gives nonfinite_grad_norm=1.
-        return self.policy.train_step(batch, loss=loss, loss_kwargs=loss_kwargs)
+        return self.policy.train_step(batch, loss_fn)
 
     def sync_weights(self, check: bool | None = None, version: int | None = None) -> dict[str, float]:
         """Trainer shards -> HF-named tensors -> rank 0's engine; then the post-sync log-prob check.

@@ -15,7 +15,8 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from megatron_scpo.trainer.batching import pad_batch
+from megatron_scpo.trainer.batching import dp_share, pad_batch
+from megatron_scpo.trainer.loss import SFTLoss
 from megatron_scpo.trainer.metrics import ACC_MEAN, LENGTH_MEAN, TRAIN_METRIC_NAMES, PhaseTimer, progress
 from megatron_scpo.trainer.preempt import Preempted, StopRequest
 from megatron_scpo.trainer.rollouts import generate_rollouts, sampling_params
@@ -112,14 +113,11 @@ def sft_train(rt: Runtime, pairs: Sequence[Pair], *, steps: int, batch_size: int
         idx = cursor.next_batch(batch_size)
         cur_lr = warmup_lr(lr, step, warmup_steps, steps)
         set_lr(rt.policy, cur_lr)
-        info = getattr(rt.policy, "info", None)
-        if info is not None and info.dp > 1:  # each data-parallel rank takes every dp-th sequence
-            idx = idx[info.dp_rank::info.dp]
         padded = pad_batch([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], rt.pad_id)
-        batch = {"input_ids": padded.input_ids, "attention_mask": padded.attention_mask,
-                 "loss_mask": padded.loss_mask}
+        # this DP rank's rows: equal counts balanced by tokens, as RL's mini-batches (batching.dp_share)
+        batch = dp_share(padded.train_batch(), range(len(idx)), rt.policy.info.dp, rt.policy.info.dp_rank)
         with timer.phase("train"):
-            m = rt.train_step(batch, "sft", {}, micro_batch_size)
+            m = rt.train_step(batch, SFTLoss(), micro_batch_size)
         rt.global_step += 1
         cursor.step = step + 1
         last = {TRAIN_METRIC_NAMES.get(k, k): float(v) for k, v in m.items() if isinstance(v, (int, float))}

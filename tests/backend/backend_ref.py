@@ -2,7 +2,8 @@
 
 The reference is the HF transformers model with the same weights run on the *whole* global batch in one
 process: log-probs, the policy / SFT loss (scpo_kernels.policy_loss on the full batch) and its gradients.
-Megatron gradients are mapped to HF names with the convert package's streaming export.
+Megatron gradients are mapped to HF names with the convert package's streaming export. ``step`` runs
+``MegatronPolicy.train_step`` through the production seam: a ``TrainBatch`` and the trainer's loss function.
 """
 
 from __future__ import annotations
@@ -14,6 +15,25 @@ from typing import Any
 import torch
 
 VOCAB, S, B = 250, 12, 4
+
+
+def policy_fn(agg: str = "token-mean", kl_coef: float = 0.0, dual_clip: float | None = None,
+              norm_length: int | None = None, tis_cap: float | None = None) -> Any:
+    """The trainer's PolicyLoss at temperature 1 (what the HF reference computes)."""
+    from megatron_scpo.trainer.loss import PolicyLoss
+
+    return PolicyLoss(agg=agg, norm_length=norm_length, kl_coef=kl_coef, tis_cap=tis_cap, dual_clip=dual_clip,
+                      temperature=1.0)
+
+
+def step(pol: Any, batch: dict[str, torch.Tensor], loss: Any = "policy") -> dict[str, float]:
+    """``pol.train_step`` on the batch dict as a TrainBatch; ``loss``: "policy" (token-mean PolicyLoss), "sft"
+    (SFTLoss) or a loss function."""
+    from megatron_scpo.backend.seam import TrainBatch
+    from megatron_scpo.trainer.loss import SFTLoss
+
+    fn = policy_fn() if loss == "policy" else SFTLoss() if loss == "sft" else loss
+    return pol.train_step(TrainBatch(**batch), fn)
 
 
 def hf_cfg(kind: str, layers: int = 2) -> Any:
@@ -73,7 +93,7 @@ def hf_logprobs(model: Any, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor
 
 def reference(kind: str, batch: dict, agg: str, loss: str, layers: int = 2):
     """Full-batch HF forward/backward: (logprobs, loss, {hf_name: grad}, model)."""
-    from megatron_scpo.backend.logprobs import policy_loss
+    from scpo_kernels import policy_loss
 
     model = hf_model(hf_cfg(kind, layers))
     lp = hf_logprobs(model, batch["input_ids"], batch["attention_mask"])

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from backend_ref import VOCAB, add_old_logprobs, make_batch, reference
+from backend_ref import VOCAB, add_old_logprobs, make_batch, policy_fn, reference, step
 from backend_ref import check_grads as _check_grads
 from backend_ref import make_policy as _policy
 from dist_utils import spawn
@@ -33,54 +33,54 @@ def _scenarios(rank: int, world: int, tmp: str) -> None:
     assert (lp - lp_ref).abs().max().item() < 1e-5
     lp_t = pol.compute_logprobs(batch["input_ids"], batch["attention_mask"], temperature=0.7)
     assert not torch.allclose(lp_t, lp)
-    m = pol.train_step(batch, "policy", {"agg": "token-mean"})
+    m = step(pol, batch, policy_fn(agg="token-mean"))
     assert m["skipped"] == 0.0 and abs(m["loss"] - loss_ref) < 1e-5, (m, loss_ref)
     assert m["num_tokens"] == float(batch["loss_mask"].sum())
     _check_grads(pol, grads_ref, "tp2", m)
     with pytest.raises(BatchError, match="right-padded"):
         bad = dict(batch, attention_mask=batch["attention_mask"].flip(1))
-        pol.train_step(bad, "policy")
-    with pytest.raises(BatchError, match="missing keys"):
-        pol.train_step({k: v for k, v in batch.items() if k != "eps_low"}, "policy")
+        step(pol, bad)
+    with pytest.raises(BatchError, match="missing fields"):
+        step(pol, {k: v for k, v in batch.items() if k != "eps_low"})
     with pytest.raises(BatchError, match="out of range"):
         pol.compute_logprobs(batch["input_ids"] + VOCAB, batch["attention_mask"])
     nan_batch = dict(batch, advantages=batch["advantages"].clone())
     before = [p.detach().clone() for p in pol.modules()[0].parameters()]
     with pytest.raises(BatchError, match="NaN"):
         nan_batch["advantages"][0, 5] = float("nan")
-        pol.train_step(nan_batch, "policy")
+        step(pol, nan_batch)
     assert all(torch.equal(a, b) for a, b in zip(before, pol.modules()[0].parameters()))
     ck = os.path.join(tmp, "ckpt")
     pol.save_checkpoint(ck)
     assert os.path.isdir(ck) and not [f for f in os.listdir(tmp) if ".tmp-" in f]
-    m2 = pol.train_step(batch, "policy")
-    m3 = pol.train_step(batch, "sft")
+    m2 = step(pol, batch)
+    m3 = step(pol, batch, "sft")
     pol.load_checkpoint(ck)  # same layout: exact resume incl. Adam step counters
-    m2b = pol.train_step(batch, "policy")
-    m3b = pol.train_step(batch, "sft")
+    m2b = step(pol, batch)
+    m3b = step(pol, batch, "sft")
     assert (m2b["loss"], m3b["loss"]) == (m2["loss"], m3["loss"]), (m2, m2b, m3, m3b)
 
     # --- PP=2 (1F1B, 4 micro-batches), same model: gradients, then resume the TP=2 checkpoint
     pol = _policy("qwen3", tp=1, pp=2, mbs=1)
     lp = pol.compute_logprobs(batch["input_ids"], batch["attention_mask"])
     assert (lp - lp_ref).abs().max().item() < 1e-5
-    m = pol.train_step(batch, "policy", {"agg": "token-mean"})
+    m = step(pol, batch, policy_fn(agg="token-mean"))
     assert abs(m["loss"] - loss_ref) < 1e-5
     _check_grads(pol, grads_ref, "pp2", m)
     pol.load_checkpoint(ck)  # TP=2 -> PP=2 resharding of model + optimizer
-    m2c = pol.train_step(batch, "policy")
-    m3c = pol.train_step(batch, "sft")
+    m2c = step(pol, batch)
+    m3c = step(pol, batch, "sft")
     assert abs(m2c["loss"] - m2["loss"]) < 1e-6 and abs(m3c["loss"] - m3["loss"]) < 1e-5, (m2, m2c, m3, m3c)
 
     # --- a fresh process-like policy (never stepped) resumes the checkpoint at TP=2 again
     pol = _policy("qwen3", tp=2, pp=1, mbs=2)
     pol.load_checkpoint(ck)
-    assert pol.train_step(batch, "policy")["loss"] == m2["loss"]
+    assert step(pol, batch)["loss"] == m2["loss"]
 
     # --- PP=2 with tied embeddings (Qwen2: qkv bias), SFT loss: the embedding group all-reduce
     lp_ref2, sft_ref, grads_ref2, _ = reference("qwen2", batch, "token-mean", "sft")
     pol = _policy("qwen2", tp=1, pp=2, mbs=2)
-    m = pol.train_step(batch, "sft")
+    m = step(pol, batch, "sft")
     assert abs(m["loss"] - sft_ref) < 1e-5
     _check_grads(pol, grads_ref2, "pp2-tied", m)
 
@@ -91,7 +91,7 @@ def _scenarios(rank: int, world: int, tmp: str) -> None:
     for distopt in (False, True):
         pol = _policy("llama", tp=1, pp=1, distopt=distopt, mbs=1)
         half = {k: v[rank * 2:(rank + 1) * 2] for k, v in batch.items()}
-        m = pol.train_step(half, "policy", {"agg": "seq-mean-token-mean"})
+        m = step(pol, half, policy_fn(agg="seq-mean-token-mean"))
         assert abs(m["loss"] - loss_ref3) < 1e-5, (m, loss_ref3)
         norms.append(m["grad_norm"])
         if not distopt:  # DistOpt keeps only this rank's reduce-scattered grad shard: compare the norm

@@ -21,7 +21,16 @@ import os
 
 import pytest
 import torch
-from backend_ref import add_old_logprobs, check_grads, make_batch, make_policy, ref_grad_norm, reference
+from backend_ref import (
+    add_old_logprobs,
+    check_grads,
+    make_batch,
+    make_policy,
+    policy_fn,
+    ref_grad_norm,
+    reference,
+    step,
+)
 from dist_utils import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -50,7 +59,7 @@ def _poisoned_step(pol, batch, value: float, on_rank: int, rank: int) -> dict:
     if rank == on_rank:
         handle = pol.modules()[0].embedding.register_forward_hook(lambda _m, _i, out: _Poison.apply(out, value))
     try:
-        return pol.train_step(batch, "policy")
+        return step(pol, batch)
     finally:
         if handle is not None:
             handle.remove()
@@ -79,7 +88,7 @@ def _sp_and_nonfinite(rank: int, batch: dict) -> dict:
     lp_ref, loss_ref, grads_ref, _ = reference("qwen3", batch, "token-mean", "policy")
     ref = make_policy("qwen3", tp=2, mbs=2)
     lp_ref_tp = ref.compute_logprobs(batch["input_ids"], batch["attention_mask"], micro_batch_size=3)
-    r1, r2 = ref.train_step(batch, "policy"), ref.train_step(batch, "policy")
+    r1, r2 = step(ref, batch), step(ref, batch)
 
     pol = make_policy("qwen3", tp=2, sp=True, mbs=2)
     assert pol.config.sequence_parallel
@@ -87,9 +96,9 @@ def _sp_and_nonfinite(rank: int, batch: dict) -> dict:
     before = _snapshot(pol)
     m0 = _poisoned_step(pol, batch, float("nan"), on_rank=0, rank=rank)
     _check_skip(pol, m0, loss_ref, before, 0, "sp-nan")
-    m1 = pol.train_step(batch, "policy")
+    m1 = step(pol, batch)
     check_grads(pol, grads_ref, "sp", m1)
-    m2 = pol.train_step(batch, "policy")
+    m2 = step(pol, batch)
     out = {
         "sp_lp_vs_tp2": (lp - lp_ref_tp).abs().max().item(),
         "sp_lp_vs_hf": (lp - lp_ref).abs().max().item(),
@@ -110,16 +119,16 @@ def _vpp(rank: int, tmp: str) -> dict:
     pol = make_policy("qwen2", pp=2, vpp=2, layers=4, mbs=1)  # 4 micro-batches, 2 chunks per stage
     assert len(pol.model) == 2 and pol.info.vpp == 2
     lp = pol.compute_logprobs(batch["input_ids"], batch["attention_mask"], micro_batch_size=2)
-    m1 = pol.train_step(batch, "policy")
+    m1 = step(pol, batch)
     check_grads(pol, grads_ref, "vpp", m1)
     ck = os.path.join(tmp, "vpp")
     pol.save_checkpoint(ck)
-    m2 = pol.train_step(batch, "policy")
+    m2 = step(pol, batch)
 
     flat = make_policy("qwen2", layers=4, mbs=1)  # PP=1 (DP=2: half the batch per rank)
-    f1 = flat.train_step(_half(batch, rank), "policy")
+    f1 = step(flat, _half(batch, rank))
     flat.load_checkpoint(ck)  # VPP chunks -> one model, optimizer resharded to DP=2
-    f2 = flat.train_step(_half(batch, rank), "policy")
+    f2 = step(flat, _half(batch, rank))
     out = {
         "vpp_lp_vs_hf": (lp - lp_ref).abs().max().item(),
         "vpp_loss1_vs_hf": abs(m1["loss"] - loss_ref),
@@ -143,7 +152,7 @@ def _bf16(rank: int, batch: dict, tmp: str) -> dict:
     assert mains and all(p.dtype == torch.float32 for p in mains)  # fp32 master weights (this rank's shard)
     lp = pol.compute_logprobs(batch["input_ids"], batch["attention_mask"])
     assert lp.dtype == torch.float32
-    m1 = pol.train_step(_half(batch, rank), "policy")
+    m1 = step(pol, _half(batch, rank))
     norm_ref = ref_grad_norm(grads_ref)
     out = {
         "bf16_lp_vs_hf": (lp - lp_ref).abs().max().item(),
@@ -155,7 +164,7 @@ def _bf16(rank: int, batch: dict, tmp: str) -> dict:
     assert m1["skipped"] == 0.0
     pp = make_policy("qwen3", pp=2, dtype="bfloat16", mbs=2)  # bf16 activations/grads over P2P
     lp_pp = pp.compute_logprobs(batch["input_ids"], batch["attention_mask"])
-    p1 = pp.train_step(batch, "policy")
+    p1 = step(pp, batch)
     out["bf16_pp2_lp_vs_hf"] = (lp_pp - lp_ref).abs().max().item()
     out["bf16_pp2_loss_rel"] = abs(p1["loss"] - loss_ref) / abs(loss_ref)
     out["bf16_pp2_norm_rel"] = abs(p1["grad_norm"] - norm_ref) / norm_ref
@@ -163,15 +172,15 @@ def _bf16(rank: int, batch: dict, tmp: str) -> dict:
     assert out["bf16_pp2_loss_rel"] < BF16_LOSS_RTOL and out["bf16_pp2_norm_rel"] < BF16_NORM_RTOL, out
 
     pol = make_policy("qwen3", dtype="bfloat16", mbs=1)  # DP=2 again: one step, then the round trip
-    assert pol.train_step(_half(batch, rank), "policy")["loss"] == m1["loss"]
+    assert step(pol, _half(batch, rank))["loss"] == m1["loss"]
     ck = os.path.join(tmp, "bf16")
     pol.save_checkpoint(ck)
     saved_mains = _main_params(pol)
-    m2, m3 = pol.train_step(_half(batch, rank), "policy"), pol.train_step(_half(batch, rank), "sft")
+    m2, m3 = step(pol, _half(batch, rank)), step(pol, _half(batch, rank), "sft")
     fresh = make_policy("qwen3", dtype="bfloat16", mbs=1, load=False)
     fresh.load_checkpoint(ck)
     assert all(torch.equal(a, b) for a, b in zip(saved_mains, _main_params(fresh))), "fp32 main params"
-    m2b, m3b = fresh.train_step(_half(batch, rank), "policy"), fresh.train_step(_half(batch, rank), "sft")
+    m2b, m3b = step(fresh, _half(batch, rank)), step(fresh, _half(batch, rank), "sft")
     assert (m2b["loss"], m3b["loss"], m2b["grad_norm"]) == (m2["loss"], m3["loss"], m2["grad_norm"]), (m2, m2b)
     return out
 
@@ -184,20 +193,20 @@ def _distopt_step0(rank: int, tmp: str) -> dict:
     pol = make_policy("llama", mbs=1)  # DP=2 DistOpt, never stepped
     ck = os.path.join(tmp, "step0")
     pol.save_checkpoint(ck)
-    m1, m2 = pol.train_step(mine, "policy"), pol.train_step(mine, "policy")
+    m1, m2 = step(pol, mine), step(pol, mine)
     assert abs(m1["loss"] - loss_ref) < 1e-5, (m1, loss_ref)
 
     fresh = make_policy("llama", mbs=1, load=False)  # megatron's random init: only the load gives HF weights
     fresh.load_checkpoint(ck)
     assert fresh.steps_done == 0
-    b1, b2 = fresh.train_step(mine, "policy"), fresh.train_step(mine, "policy")
+    b1, b2 = step(fresh, mine), step(fresh, mine)
     assert (b1["loss"], b2["loss"]) == (m1["loss"], m2["loss"]), (m1, b1, m2, b2)
 
     plain = make_policy("llama", mbs=1)  # never saved; an inf gradient on DP rank 1 only is skipped by both
     before = _snapshot(plain)
     s = _poisoned_step(plain, mine, float("inf"), on_rank=1, rank=rank)
     _check_skip(plain, s, m1["loss"], before, 0, "dp-inf")
-    c1, c2 = plain.train_step(mine, "policy"), plain.train_step(mine, "policy")
+    c1, c2 = step(plain, mine), step(plain, mine)
     assert (c1["loss"], c2["loss"]) == (m1["loss"], m2["loss"]), (m1, c1, m2, c2)
     return {"step0_loss2": m2["loss"]}
 
@@ -228,20 +237,20 @@ def _kl_and_nan_logits(rank: int, batch: dict) -> dict:
         handle = pol.modules()[0].output_layer.register_forward_hook(
             lambda _m, _i, out: (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan"))
     try:
-        s = pol.train_step(mine, "policy", {"agg": agg, "kl_coef": kl_coef})
+        s = step(pol, mine, policy_fn(agg=agg, kl_coef=kl_coef))
     finally:
         if handle is not None:
             handle.remove()
     assert s["skipped"] == 1.0 and s["nonfinite_loss"] == 1.0 and s["nonfinite_grad_norm"] == 0.0, s
     assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(pol))) and pol.steps_done == 0
 
-    m = pol.train_step(mine, "policy", {"agg": agg, "kl_coef": kl_coef})
+    m = step(pol, mine, policy_fn(agg=agg, kl_coef=kl_coef))
     assert m["skipped"] == 0.0 and m["nonfinite_loss"] == 0.0
     assert abs(m["loss"] - float(loss_ref)) < 1e-5, (m, float(loss_ref))
     assert abs(m["kl"] - float(spec_m["kl"])) < 1e-5, (m["kl"], float(spec_m["kl"]))
     check_grads(pol, grads_ref, "dp2-kl", m)
     with pytest.raises(ValueError, match="ref_logprobs"):
-        pol.train_step(_half(batch, rank), "policy", {"kl_coef": kl_coef})
+        step(pol, _half(batch, rank), policy_fn(kl_coef=kl_coef))
     return {"kl_loss": m["loss"], "kl": m["kl"]}
 
 

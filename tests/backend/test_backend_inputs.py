@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_scpo.backend.config import ParallelConfig
-from megatron_scpo.backend.logprobs import agg_units, aggregate, mask_padded_vocab
+from megatron_scpo.backend.logprobs import mask_padded_vocab
 from megatron_scpo.backend.model import UnsupportedModelError, padded_vocab_size, parse_hf_config
 from megatron_scpo.backend.parallel import ParallelLayoutError, check_layout
 
@@ -75,16 +75,3 @@ def test_backend_padded_vocab_rows_get_no_mass():
     assert mask_padded_vocab(logits, vocab_size=250, tp_rank=0) is logits
 
 
-def test_backend_micro_batch_weights_recover_global_aggregate():
-    """sum_mb agg(mb) * units(mb) / units(global) == agg(global), for every mode (incl. an empty row)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 9, generator=g)
-    mask = torch.rand(6, 9, generator=g) > 0.4
-    mask[2] = False
-    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        total = float(agg_units(mask, agg))
-        parts = sum(
-            aggregate(x[i : i + 2], mask[i : i + 2], agg) * float(agg_units(mask[i : i + 2], agg)) / total
-            for i in range(0, 6, 2)
-        )
-        assert torch.allclose(parts, aggregate(x, mask, agg), atol=1e-6), agg

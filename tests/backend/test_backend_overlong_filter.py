@@ -15,7 +15,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
-from backend_ref import make_policy
+from backend_ref import make_policy, policy_fn
 from dist_utils import spawn
 
 pytestmark = [pytest.mark.distributed]
@@ -35,33 +35,33 @@ def _worker(rank: int, world: int, out: str) -> None:
 
     pol = make_policy("qwen3", mbs=1, lr=0.0)  # lr 0: every call sees the same weights (ratio 1)
     rt = SimpleNamespace(policy=pol)
-    rt.train_step = lambda batch, loss, kw, mbs: Runtime.train_step(rt, batch, loss, kw, mbs)
+    rt.train_step = lambda batch, loss_fn, mbs: Runtime.train_step(rt, batch, loss_fn, mbs)
     packed = pad_batch([[5, 6, 7, 8], [9, 10, 11, 12]], [list(range(20, 24)), list(range(30, 42))], pad_id=0)
     finished_adv, truncated_adv = 1.0, -1.0  # the truncated one graded wrong; zeroed in the "old" run
     old = pol.compute_logprobs(packed.input_ids, packed.attention_mask)
     B, S = packed.input_ids.shape
     adv_rows = torch.tensor([[finished_adv], [truncated_adv]]).expand(B, S)
     tensors = {"old_logprobs": old, "eps_low": torch.full((B,), 0.2), "eps_high": torch.full((B,), 0.2)}
+    token_mean = policy_fn(agg="token-mean")
     truncated = torch.tensor([False, True])
     res = {}
     # the old behaviour: advantages zeroed, tokens left in the mask
     zeroed = torch.where(truncated[:, None], torch.zeros(B, S), adv_rows) * packed.loss_mask
-    m = train_on(rt, packed, {**tensors, "advantages": zeroed}, "policy", {"agg": "token-mean"}, 1, 2)
+    m = train_on(rt, packed.train_batch(**tensors, advantages=zeroed), token_mean, 1, 2)
     res["zeroed"] = m["loss"]
     # overlong filtering: the truncated row leaves the loss mask
     adv = adv_rows * packed.loss_mask
-    m = train_on(rt, packed, {**tensors, "advantages": adv}, "policy", {"agg": "token-mean"}, 1, 2,
-                 sample_mask=~truncated)
+    m = train_on(rt, packed.train_batch(**tensors, advantages=adv), token_mean, 1, 2, sample_mask=~truncated)
     res["masked"] = m["loss"]
     res["tokens"] = m["train/num_tokens"]
     # with the k3 KL to a reference 0.3 nats above on the finished tokens and 2.0 on the truncated ones
     ref = old + torch.where(truncated[:, None], torch.full((B, S), 2.0), torch.full((B, S), 0.3)) * packed.loss_mask
-    m = train_on(rt, packed, {**tensors, "advantages": adv, "ref_logprobs": ref}, "policy",
-                 {"agg": "token-mean", "kl_coef": 0.5}, 1, 2, sample_mask=~truncated)
+    m = train_on(rt, packed.train_batch(**tensors, advantages=adv, ref_logprobs=ref), policy_fn(kl_coef=0.5), 1, 2,
+                 sample_mask=~truncated)
     res["kl_loss"], res["kl"] = m["loss"], m["kl/mean"]
     for agg in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):  # only the finished sequence counts
-        kw = {"agg": agg, "norm_length": 20}
-        m = train_on(rt, packed, {**tensors, "advantages": adv}, "policy", kw, 1, 2, sample_mask=~truncated)
+        m = train_on(rt, packed.train_batch(**tensors, advantages=adv), policy_fn(agg=agg, norm_length=20), 1, 2,
+                     sample_mask=~truncated)
         res[agg] = m["loss"]
     if rank == 0:
         with open(out, "w") as f:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backend_ref import add_old_logprobs, hf_cfg, hf_model, make_batch, params_as_grads, reference
+from backend_ref import add_old_logprobs, hf_cfg, hf_model, make_batch, params_as_grads, policy_fn, reference, step
 from backend_ref import check_grads as _check_grads
 from backend_ref import make_policy as _policy
 from dist_utils import spawn
@@ -115,7 +115,7 @@ def _modes(pol, kind: str, batch: dict, agg: str, loss: str, lp_ref, loss_ref, g
         pol.packed, pol.max_tokens = packed, max_tokens
         pol.load_hf_weights(weights)
         lp = pol.compute_logprobs(batch["input_ids"], batch["attention_mask"])
-        m = pol.train_step(dict(batch), loss, {"agg": agg} if loss == "policy" else None)
+        m = step(pol, batch, policy_fn(agg=agg) if loss == "policy" else loss)
         g = _grads(pol)
         if lp_ref is not None:
             assert (lp - lp_ref).abs().max().item() < 1e-5, (tag, mode)
@@ -154,7 +154,7 @@ def _scenarios(rank: int, world: int) -> None:
     pol = _policy("qwen3", tp=2, pp=1, mbs=2, sp=True, packed=True, max_tokens=20)
     lp = pol.compute_logprobs(batch["input_ids"], batch["attention_mask"])
     assert (lp - lp_ref).abs().max().item() < 1e-5
-    m = pol.train_step(dict(batch), "policy", {"agg": "token-mean"})
+    m = step(pol, batch)
     assert abs(m["loss"] - loss_ref) < 1e-5
     _check_grads(pol, grads_ref, "tp2-sp-packed", m)
     destroy_parallel()
@@ -176,7 +176,7 @@ def _scenarios(rank: int, world: int) -> None:
     pol.load_hf_weights(hf_model(hf_cfg("qwen2", 4)).state_dict())
     pol.packed, pol.max_tokens = True, 100
     assert (pol.compute_logprobs(one["input_ids"], one["attention_mask"]) - lp_one).abs().max().item() < 1e-5
-    m = pol.train_step(dict(one), "sft")
+    m = step(pol, one, "sft")
     assert abs(m["loss"] - sft_one) < 1e-5, (m["loss"], sft_one)
     _check_grads(pol, grads_one, "pp2-vpp2-empty-micro-batch", m)
     destroy_parallel()

@@ -1,10 +1,12 @@
-"""Clipped-ratio policy loss: torch path bitwise equal to the algo spec, Triton (interpreted) within 1e-6."""
+"""The policy loss that trains (scpo_kernels.policy_loss, run by the trainer's PolicyLoss through the backend):
+torch path bitwise equal to the algo spec with KL / TIS / dual-clip / each aggregation, Triton (interpreted)
+within 1e-6; ``agg_units`` reproduces the global aggregate from micro-batches."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from scpo_kernels import LAUNCHES, policy_loss
+from scpo_kernels import LAUNCHES, agg_units, aggregate, policy_loss
 
 from megatron_scpo.algo.losses import policy_loss as spec_policy_loss
 
@@ -25,6 +27,14 @@ def _inputs(seed: int, b: int, t: int, dtype=torch.float32):
     return lp, old, adv, mask, eps_low, eps_high, tis
 
 
+def _ref(lp: torch.Tensor, seed: int) -> torch.Tensor:
+    """Reference log-probs near the policy, one token far off (k3 past its clamp), garbage off the mask."""
+    g = torch.Generator().manual_seed(seed + 1)
+    ref = lp.float() + torch.randn(lp.shape, generator=g) * 0.3
+    ref[0, -1] = lp[0, -1].float() + 15.0
+    return ref
+
+
 def _run(fn, lp, *args, **kw):
     x = lp.detach().clone().requires_grad_()
     loss, metrics = fn(x, *args, **kw)
@@ -35,15 +45,21 @@ def _run(fn, lp, *args, **kw):
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 @pytest.mark.parametrize("tis", [False, True])
+@pytest.mark.parametrize("kl", [False, True])
 @pytest.mark.parametrize("shape", [(5, 77), (3, 1000)])
-def test_matches_algo_spec(agg, dual_clip, tis, shape):
+def test_matches_algo_spec(agg, dual_clip, tis, kl, shape):
     lp, old, adv, mask, el, eh, w = _inputs(shape[1], *shape)
     kw = dict(dual_clip=dual_clip, tis_weights=w if tis else None, agg=agg, norm_length=50)
+    if kl:
+        kw.update(ref_logprobs=_ref(lp, shape[1]), kl_coef=0.3)
     ls, gs, ms = _run(spec_policy_loss, lp, old, adv, mask, el, eh, **kw)
     lt, gt, mt = _run(policy_loss, lp, old, adv, mask, el, eh, impl="torch", **kw)
     assert torch.equal(lt, ls) and torch.equal(gt, gs)  # exactly the spec
+    assert set(mt) == set(ms) and ("kl" in mt) == kl
     for k in ms:
         assert torch.equal(mt[k], ms[k]), k
+    if kl:  # the KL term really is in the loss: the surrogate alone differs
+        assert not torch.equal(lt, mt["pg_loss"])
     lk, gk, mk = _run(policy_loss, lp, old, adv, mask, el, eh, impl="triton", block_t=64, **kw)
     torch.testing.assert_close(lk, ls, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(gk, gs, rtol=1e-6, atol=1e-8)
@@ -119,6 +135,12 @@ def test_bad_input_raises(impl):
         policy_loss(lp, old, adv, mask, el, eh, dual_clip=0.5, impl=impl)
     with pytest.raises(ValueError, match="agg"):
         policy_loss(lp, old, adv, mask, el, eh, agg="sum", impl=impl)
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        policy_loss(lp, old, adv, mask, el, eh, kl_coef=0.1, impl=impl)
+    with pytest.raises(ValueError, match="kl_coef"):
+        policy_loss(lp, old, adv, mask, el, eh, ref_logprobs=lp, kl_coef=float("nan"), impl=impl)
+    with pytest.raises(ValueError, match="ref_logprobs must match"):
+        policy_loss(lp, old, adv, mask, el, eh, ref_logprobs=lp[:, :5], kl_coef=0.1, impl=impl)
     bad = adv.clone()
     bad[mask] = float("inf")
     with pytest.raises(ValueError, match="advantages"):
@@ -145,3 +167,20 @@ def test_empty_rows_do_not_count_and_kl_metric_is_clamped(impl):
     torch.testing.assert_close(base, torch.stack(per_row).mean(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(m_base["approx_kl"], m_spec["approx_kl"], rtol=1e-6, atol=1e-7)
     assert m_base["approx_kl"] <= 10.0
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_agg_units_weight_micro_batches_to_the_global_aggregate(agg):
+    """sum over micro-batches of aggregate(mb) * units(mb) / units(all) == aggregate(all) (the backend's scaling),
+    empty rows included; the units are tokens (token-mean) or non-empty rows (the two seq modes)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, 9, generator=g) > 0.4
+    mask[2] = False
+    total = float(agg_units(mask, agg))
+    assert total == (float(mask.sum()) if agg == "token-mean" else 5.0)
+    parts = sum(aggregate(x[i:i + 2], mask[i:i + 2], agg) * float(agg_units(mask[i:i + 2], agg)) / total
+                for i in range(0, 6, 2))
+    torch.testing.assert_close(parts, aggregate(x, mask, agg))
+    with pytest.raises(ValueError, match="not supported"):
+        agg_units(mask, "sum")

@@ -44,7 +44,7 @@ def test_packing_config_keys():
 
 
 def _fake_rt(dp: int, dp_rank: int, seen: list):
-    def train_step(batch, loss, kw, mbs):
+    def train_step(batch, loss_fn, mbs):
         seen.append(batch)
         return {"loss": 0.0}
 
@@ -53,6 +53,7 @@ def _fake_rt(dp: int, dp_rank: int, seen: list):
 
 
 def test_train_on_balances_dp_ranks_by_tokens():
+    from megatron_scpo.trainer.loss import SFTLoss
     from megatron_scpo.trainer.rl import train_on
 
     lengths = [60, 52, 40, 8, 8, 8, 8, 8]  # arrival order (every dp-th row): 116 vs 76 tokens
@@ -62,12 +63,35 @@ def test_train_on_balances_dp_ranks_by_tokens():
     rows_of = []
     for rank in range(2):
         seen: list = []
-        train_on(_fake_rt(2, rank, seen), padded, {}, "sft", {}, 1, 4)
+        train_on(_fake_rt(2, rank, seen), padded.train_batch(), SFTLoss(), 1, 4)
         (batch,) = seen
-        rows_of.append(batch["attention_mask"].sum(-1).tolist())
+        rows_of.append(batch.seq_lens)
     assert sorted(rows_of[0] + rows_of[1]) == sorted(lengths)
     assert len(rows_of[0]) == len(rows_of[1]) == 4
     assert sorted([sum(rows_of[0]), sum(rows_of[1])]) == [84, 108]  # the best 4 + 4 split (LPT finds it)
+
+
+def test_dp_share_one_rule_for_rl_and_sft():
+    """batching.dp_share: equal counts balanced by tokens, the order of ``rows`` kept (DP=1: the batch as given),
+    fewer rows than ranks padded with fully masked copies; each share trimmed to its own longest row."""
+    from megatron_scpo.trainer.batching import dp_share
+
+    lengths = [60, 52, 40, 8, 8, 8, 8, 8]
+    padded = pad_batch([[1] * 4 for _ in lengths], [[2] * (n - 4) for n in lengths], pad_id=0)
+    batch = padded.train_batch(advantages=torch.arange(8.0)[:, None].expand(8, 60).clone())
+    order = [5, 0, 7, 2]
+    one = dp_share(batch, order, 1, 0)
+    assert torch.equal(one.input_ids, padded.select(order).input_ids)
+    assert one.advantages[:, 0].tolist() == [5.0, 0.0, 7.0, 2.0] and one.input_ids.shape[1] == 60
+    shares = [dp_share(batch, range(8), 2, r) for r in range(2)]
+    assert [s.size for s in shares] == [4, 4]
+    assert sorted(sum(s.seq_lens) for s in shares) == [84, 108]
+    assert sorted(shares[0].seq_lens + shares[1].seq_lens) == sorted(lengths)
+    assert all(s.input_ids.shape[1] == max(s.seq_lens) for s in shares)
+    lone = [dp_share(batch, [3], 2, r) for r in range(2)]
+    assert [int(s.loss_mask.sum()) for s in lone] == [4, 0] and all(s.seq_lens == [8] for s in lone)
+    with pytest.raises(ValueError, match="no rows"):
+        dp_share(batch, [], 2, 0)
 
 
 def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:

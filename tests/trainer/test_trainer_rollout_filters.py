@@ -78,9 +78,9 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str, tp: int) -> None
     sent = []
     real = rt.train_step
 
-    def train_step(batch, loss, kw, mbs):
-        sent.append(int(batch["loss_mask"].sum()))
-        return real(batch, loss, kw, mbs)
+    def train_step(batch, loss_fn, mbs):
+        sent.append(int(batch.loss_mask.sum()))
+        return real(batch, loss_fn, mbs)
 
     rt.train_step = train_step
     it = PromptIterator(load_split(cfg.data, "train"), seed=0)

@@ -235,14 +235,15 @@ def test_dynamic_sampling_config_keys():
 def test_train_on_masks_rows_and_skips_empty_minibatches():
     """Overlong-filtered rows leave the loss mask; a mini-batch with no loss token left is not stepped."""
     from megatron_scpo.trainer.batching import pad_batch
+    from megatron_scpo.trainer.loss import SFTLoss
     from megatron_scpo.trainer.rl import train_on
 
     packed = pad_batch([[1, 2]] * 4, [[3, 4], [5], [6, 7, 8], [9]], pad_id=0)
     seen = []
     rt = SimpleNamespace(policy=SimpleNamespace(info=SimpleNamespace(dp=1, dp_rank=0)),
-                         train_step=lambda b, *a: seen.append(b["loss_mask"].clone()) or {"loss": 1.0})
+                         train_step=lambda b, *a: seen.append(b.loss_mask.clone()) or {"loss": 1.0})
     keep = torch.tensor([True, True, False, False])
-    m = train_on(rt, packed, {}, "policy", {}, 2, 4, sample_mask=keep)
+    m = train_on(rt, packed.train_batch(), SFTLoss(), 2, 4, sample_mask=keep)
     assert len(seen) == 1 and seen[0].sum() == 3 and m["train/empty_minibatches"] == 1
     assert m["train/mini_batches"] == 1 and m["loss"] == 1.0
     # two DP ranks, a batch of 2 rows left after drops and 2 mini-batches configured: one mini-batch of 2 rows
@@ -250,9 +251,9 @@ def test_train_on_masks_rows_and_skips_empty_minibatches():
     for rank in (0, 1):
         seen.clear()
         rt.policy.info = SimpleNamespace(dp=2, dp_rank=rank)
-        m = train_on(rt, packed.select([0, 2]), {}, "policy", {}, 2, 4)
+        m = train_on(rt, packed.select([0, 2]).train_batch(), SFTLoss(), 2, 4)
         assert m["train/mini_batches"] == 1 and len(seen) == 1 and int(seen[0].sum()) == (3 if rank == 0 else 2)
     # one row for two DP ranks: rank 1 gets a fully masked copy (no loss token, same shapes)
     seen.clear()
-    m = train_on(rt, packed.select([2]), {}, "policy", {}, 1, 4)
+    m = train_on(rt, packed.select([2]).train_batch(), SFTLoss(), 1, 4)
     assert len(seen) == 1 and int(seen[0].sum()) == 0
