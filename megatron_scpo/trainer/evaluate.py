@@ -1,13 +1,12 @@
 """Evaluation: pass@1, pass@k, mean tokens, AE, per difficulty, and critical vs redundant tokens.
 
 ``evaluate(rt, records, label)`` runs inside a training run (after each stage) on the rollout engine
-of rank 0 and writes ``RUN_DIR/eval/<label>.json``. ``scpo eval CONFIG`` evaluates a run's checkpoint
-(``--run-dir`` + ``--checkpoint``) or a plain HF model dir (``--hf``) without training.
+of rank 0 and writes ``RUN_DIR/eval/<label>.json``; ``eval_hf`` serves a plain HF model dir without Megatron.
+The ``scpo eval`` command line (a run's checkpoint or ``--hf``) is eval_cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -61,10 +60,12 @@ def encode_eval_prompts(tokenizer: Any, cfg: Any, records: Sequence[Any]) -> tup
     return texts, ids
 
 
-def run_eval(engine: Any, tokenizer: Any, cfg: Any, records: Sequence[Any]) -> dict[str, Any]:
+def run_eval(engine: Any, tokenizer: Any, cfg: Any, records: Sequence[Any],
+             encoded: tuple[list[str], list[list[int]]] | None = None) -> dict[str, Any]:
     """Generate ``eval.n_samples`` per record with the eval sampling settings and aggregate.
 
-    Prompts come from ``encode_eval_prompts`` (the ids training rollouts use), whichever engine serves them.
+    Prompts come from ``encode_eval_prompts`` (the ids training rollouts use), whichever engine serves them;
+    ``encoded`` is its result when the caller already encoded ``records`` (eval_hf checks lengths first).
     """
     from megatron_scpo.data.verify import Grading
     from megatron_scpo.rollout.base import SamplingParams
@@ -73,7 +74,7 @@ def run_eval(engine: Any, tokenizer: Any, cfg: Any, records: Sequence[Any]) -> d
     params = SamplingParams(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, temperature=e.temperature,
                             top_p=e.top_p, stop_token_ids=[int(tokenizer.eos_token_id)], seed=e.seed,
                             greedy=e.greedy)
-    texts, prompts = encode_eval_prompts(tokenizer, cfg, records)
+    texts, prompts = encoded if encoded is not None else encode_eval_prompts(tokenizer, cfg, records)
     outputs = engine.generate(prompts, e.n_samples, params)
     rows = score_samples(records, outputs, tokenizer, cfg.data.source == "synthetic", Grading.from_config(cfg), texts)
     result = aggregate(rows, e.pass_k)
@@ -122,10 +123,10 @@ def eval_hf(cfg: Any, hf_dir: str | Path, records: Sequence[Any], label: str | N
         tok = load_tokenizer(hf_dir)
     except (OSError, ValueError) as e:
         raise ValueError(f"--hf: cannot load a tokenizer from {hf_dir}: {e}") from None
-    encode_eval_prompts(tok, cfg, records)  # an overlong prompt fails before an engine starts
+    encoded = encode_eval_prompts(tok, cfg, records)  # an overlong prompt fails before an engine starts
     engine = make_engine(cfg, Path(hf_dir), tok)
     try:
-        result = run_eval(engine, tok, cfg, records)
+        result = run_eval(engine, tok, cfg, records, encoded)
     finally:
         engine.shutdown()
     result["label"] = label or Path(hf_dir).name
@@ -134,37 +135,3 @@ def eval_hf(cfg: Any, hf_dir: str | Path, records: Sequence[Any], label: str | N
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{result['label']}.json").write_text(json.dumps(result, indent=1))
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`scpo eval`; bad input (config field, data file line/field, model dir) prints one ``error:`` line, exit 2."""
-    import sys
-
-    p = argparse.ArgumentParser(prog="scpo eval", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="experiment YAML (data, eval and rollout sections are used)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", help="HF model dir (config + safetensors + tokenizer): no Megatron needed")
-    src.add_argument("--run-dir", help="a training run dir; evaluates --checkpoint (default: latest)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint name under RUN_DIR/checkpoints")
-    p.add_argument("--label", default=None, help="name of the eval/<label>.json written")
-    p.add_argument("--out", default=None, help="where eval/<label>.json goes (default: run dir or cwd)")
-    a = p.parse_intermixed_args(argv)
-
-    from megatron_scpo.config import load_config
-    from megatron_scpo.data.datasets import load_split
-
-    try:
-        cfg = load_config(a.config, a.overrides)
-        if a.hf:
-            records = load_split(cfg.data, "eval")[: cfg.eval.n_prompts]
-            result = eval_hf(cfg, a.hf, records, a.label, a.out)
-            print(json.dumps({k: v for k, v in result.items() if k != "example"}, indent=1))
-            return 0
-        from megatron_scpo.trainer.run import evaluate_checkpoint
-
-        evaluate_checkpoint(cfg, Path(a.run_dir), a.checkpoint, a.label, a.out)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError, PromptTooLongError, ConversionError
-        print(f"scpo eval: error: {e}", file=sys.stderr)
-        return 2
-    return 0

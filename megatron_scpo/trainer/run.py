@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import yaml
 
 from megatron_scpo import configlib
 from megatron_scpo.config import ConfigError, ExperimentConfig, load_config
+from megatron_scpo.trainer.evaluate import evaluate, load_eval
 from megatron_scpo.trainer.preempt import PREEMPTED_EXIT_CODE, Preempted, StopRequest
 from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info, make_engine
 
@@ -184,26 +186,57 @@ def label_of(phase: str) -> str:
     return phase.replace("/", "_")
 
 
-class Pipeline:
-    """Runs the phases with checkpoints; ``state`` is what trainer_state.json holds."""
+@dataclass
+class TrainerState:
+    """Where a run stands: ``trainer_state.json`` of every checkpoint (``CheckpointManager`` adds ``global_step``).
+
+    Plain JSON values only; a resume loads it back (``from_json``) and continues from exactly this position.
+    """
+
+    done: list[str] = field(default_factory=list)  # finished phases, in order (``phases_of``)
+    phase: str | None = None  # the phase in progress (None between phases)
+    rl_step: int = 0  # RL steps done in the phase in progress
+    # data position of the phase in progress: the RL PromptIterator's state_dict, or an SFT phase's
+    # {"sft": SFTCursor state, "pairs": stage 1's selected pairs}
+    data: dict[str, Any] | None = None
+    method_state: dict[str, Any] | None = None  # the RL method's state_dict at ``rl_step`` (LAPO length map)
+    metrics_records: int = 0  # metrics.jsonl records at the checkpoint (a resume truncates the file to them)
+    weight_version: int = 0  # the engine's weight version at the checkpoint (a resume re-publishes it)
+    carry_method_state: dict[str, Any] | None = None  # compare.mode sequential: the last RL method's state
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str | Path) -> TrainerState:
+        """``d`` (a checkpoint's trainer state without ``global_step``) -> TrainerState; an unknown key is a
+        ConfigError naming ``where`` (the file) rather than a field silently dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown trainer state keys {unknown} (written by another version?)")
+        return cls(**d)
+
+
+class RunDriver:
+    """Runs the phases of ``scpo train`` with checkpoints; ``state`` (TrainerState) is what each one records."""
 
     def __init__(self, rt: Runtime, data: dict[str, Any], stop: StopRequest | None = None):
         self.rt = rt
         self.cfg = rt.cfg
         self.data = data
         self.stop = stop or StopRequest(rt.rank)
-        self.state: dict[str, Any] = {"done": [], "phase": None, "rl_step": 0, "data": None, "method_state": None}
+        self.state = TrainerState()
         self.baseline: dict[str, Any] | None = None
 
     # ---- checkpoint helpers ------------------------------------------------------------------
     def _save(self, snapshot: str | None = None) -> None:
         rt = self.rt
-        self.state["metrics_records"] = rt.logger.num_records() if rt.is_main else 0
-        self.state["metrics_records"] = broadcast_object(self.state["metrics_records"])
-        self.state["weight_version"] = rt.weight_version
+        self.state.metrics_records = broadcast_object(rt.logger.num_records() if rt.is_main else 0)
+        self.state.weight_version = rt.weight_version
         from megatron_scpo.trainer.checkpoint import hf_saver
 
-        rt.ckpt.save(rt.global_step, dict(self.state), rt.policy.save_checkpoint, snapshot=snapshot,
+        rt.ckpt.save(rt.global_step, self.state.to_json(), rt.policy.save_checkpoint, snapshot=snapshot,
                      save_hf=hf_saver(rt.policy, rt.hf_dir, rt.rank, self.cfg.checkpoint.save_hf))
 
     def resume(self) -> bool:
@@ -213,12 +246,12 @@ class Pipeline:
             return False
         st = rt.ckpt.load(latest, load_model=rt.policy.load_checkpoint)
         rt.global_step = int(st.pop("global_step"))
-        self.state.update(st)
-        rt.logger.truncate(int(st.get("metrics_records", 0)))
-        rt.sync_weights(version=int(st.get("weight_version", 0)))
+        self.state = TrainerState.from_json(st, latest)
+        rt.logger.truncate(self.state.metrics_records)
+        rt.sync_weights(version=self.state.weight_version)
         if rt.is_main:
-            print(f"[resume] {latest.name}: done={self.state['done']} phase={self.state['phase']} "
-                  f"rl_step={self.state['rl_step']} global_step={rt.global_step}", flush=True)
+            print(f"[resume] {latest.name}: done={self.state.done} phase={self.state.phase} "
+                  f"rl_step={self.state.rl_step} global_step={rt.global_step}", flush=True)
         return True
 
     def _reference(self, at_rl_start: bool) -> Any:
@@ -235,21 +268,19 @@ class Pipeline:
 
     # ---- phases --------------------------------------------------------------------------------
     def run(self) -> None:
-        from megatron_scpo.trainer.evaluate import load_eval
-
         self.baseline = load_eval(self.rt.run_dir, "warmstart")
-        if not self.state["done"] and self.state["phase"] is None and self.cfg.eval.enabled:
+        if not self.state.done and self.state.phase is None and self.cfg.eval.enabled:
             if not self.cfg.warmstart.enabled:  # the starting model is the baseline
                 self._eval("warmstart")
-        if self.state["done"] and self.state["phase"] is None:
+        if self.state.done and self.state.phase is None:
             # killed during the evaluation that follows a stage snapshot: the loaded weights are that
             # snapshot's, so its evaluation can be redone now (no-op when it exists)
-            self._eval(label_of(self.state["done"][-1]))
+            self._eval(label_of(self.state.done[-1]))
         for phase in phases_of(self.cfg):
-            if phase in self.state["done"]:
+            if phase in self.state.done:
                 continue
             self._check_stop("before " + phase)  # the newest checkpoint already holds this position
-            self.state["phase"] = phase
+            self.state.phase = phase
             if phase == "warmstart":
                 self.warmstart()
             elif phase == "stage1":
@@ -263,8 +294,6 @@ class Pipeline:
         barrier()
 
     def _eval(self, label: str) -> None:
-        from megatron_scpo.trainer.evaluate import evaluate, load_eval
-
         if not self.cfg.eval.enabled:
             return
         if self.rt.is_main and load_eval(self.rt.run_dir, label) is None:
@@ -282,21 +311,21 @@ class Pipeline:
             raise Preempted(where)
 
     def _finish(self, phase: str) -> None:
-        self.state["done"] = [*self.state["done"], phase]
-        self.state.update(phase=None, rl_step=0, data=None, method_state=None)
+        st = self.state
+        st.done, st.phase, st.rl_step, st.data, st.method_state = [*st.done, phase], None, 0, None, None
         self._save(snapshot=label_of(phase))
         self._check_stop(f"after {phase}")  # a resume redoes the skipped evaluation (see run())
         self._eval(label_of(phase))
 
     def _sft_position(self, phase: str) -> dict[str, Any] | None:
-        """The saved mid-phase state of ``phase`` when this run resumed inside it (``state['data']``)."""
-        data = self.state.get("data")
-        return data if self.state.get("phase") == phase and isinstance(data, dict) else None
+        """The saved mid-phase state of ``phase`` when this run resumed inside it (``state.data``)."""
+        data = self.state.data
+        return data if self.state.phase == phase and isinstance(data, dict) else None
 
     def _sft_saver(self, extra: dict[str, Any] | None = None) -> Any:
         """``save(cursor_state)`` for sft_train: a step checkpoint of the SFT position (+ stage 1's pairs)."""
         def save(cursor: dict[str, Any] | None) -> None:
-            self.state["data"] = {**(extra or {}), "sft": cursor}
+            self.state.data = {**(extra or {}), "sft": cursor}
             self._save()
         return save
 
@@ -353,13 +382,13 @@ class Pipeline:
         rt, c = self.rt, self.cfg.rl
         method = build_method(algo_for(self.cfg, name), scan=step_discounted_sum)  # S-GAE runs the kernel's scan
         it = PromptIterator(self.data["train"], seed=self.cfg.data.shuffle_seed)
-        start = int(self.state.get("rl_step") or 0)
+        start = self.state.rl_step
         sequential = self.cfg.compare.mode == "sequential"
         use_kl = self.cfg.algo.loss.kl_coef > 0
         at_rl_start = False  # are the live weights exactly the rl_start snapshot's?
         if start > 0:  # resumed inside this phase: model/optimizer/RNG already restored
-            it.load_state_dict(self.state["data"])
-            method.load_state_dict(self.state["method_state"] or {})
+            it.load_state_dict(self.state.data)
+            method.load_state_dict(self.state.method_state or {})
         else:
             snap = rt.ckpt.snapshot("rl_start")
             if snap is None and (not sequential or use_kl):  # with KL, rl_start is also the reference policy
@@ -369,8 +398,8 @@ class Pipeline:
                 rt.ckpt.load(snap, load_model=rt.policy.load_checkpoint, restore_rng=False)
                 rt.sync_weights()
                 at_rl_start = True
-            if sequential and self.state.get("carry_method_state"):  # continue from the previous method's
-                method.load_state_dict(self.state["carry_method_state"])  # weights and state (LAPO map)
+            if sequential and self.state.carry_method_state:  # continue from the previous method's
+                method.load_state_dict(self.state.carry_method_state)  # weights and state (LAPO map)
         rt.reference = self._reference(at_rl_start) if use_kl else None
         set_lr(rt.policy, self.cfg.optim.lr)
         stage = f"rl/{name}"
@@ -383,11 +412,12 @@ class Pipeline:
                 break  # the phase snapshot in _finish is this position's checkpoint (and checks the stop)
             stop = self.stop.poll()
             if stop or (self.cfg.checkpoint.interval and (step + 1) % self.cfg.checkpoint.interval == 0):
-                self.state.update(rl_step=step + 1, data=it.state_dict(), method_state=method.state_dict())
+                self.state.rl_step, self.state.data, self.state.method_state = (step + 1, it.state_dict(),
+                                                                                method.state_dict())
                 self._save()
             if stop:
                 self._check_stop(f"{stage} after step {step + 1}")
-        self.state["carry_method_state"] = method.state_dict() if sequential else None
+        self.state.carry_method_state = method.state_dict() if sequential else None
         self._finish(stage)
 
 
@@ -401,9 +431,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, data: dict[str, Any] | Non
     try:
         rt = build_runtime(cfg, run_dir)
         try:
-            pipe = Pipeline(rt, data, stop)
-            pipe.resume()
-            pipe.run()
+            driver = RunDriver(rt, data, stop)
+            driver.resume()
+            driver.run()
         finally:
             rt.logger.close()
             if rt.engine is not None:
@@ -411,23 +441,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, data: dict[str, Any] | Non
     finally:
         stop.uninstall()
     return run_dir
-
-
-def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: Path, checkpoint: str | None, label: str | None,
-                        out: str | None) -> dict[str, Any] | None:
-    """`scpo eval --run-dir`: load a checkpoint of a run into Megatron, sync to the engine, evaluate."""
-    from megatron_scpo.trainer.evaluate import evaluate
-
-    data = preflight(cfg)
-    rt = build_runtime(cfg, run_dir)
-    path = rt.ckpt.snapshot(checkpoint) or (rt.ckpt.root / checkpoint if checkpoint else rt.ckpt.latest())
-    if path is None or not path.is_dir():
-        raise ConfigError(f"{run_dir}: no checkpoint {checkpoint or 'latest'}")
-    rt.ckpt.load(path, load_model=lambda d: rt.policy.load_checkpoint(d, load_optimizer=False), restore_rng=False)
-    rt.sync_weights()
-    if out:
-        rt.run_dir = Path(out)
-    return evaluate(rt, data["eval"], label or f"eval_{path.name}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

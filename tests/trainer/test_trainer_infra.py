@@ -180,10 +180,16 @@ def test_method_state_survives_json_checkpoint(tmp_path):
     assert back.prepare_prompt("Q <think>", "a") != "Q <think>"  # stage 2 states the learned budget
 
 
-def test_scpo_eval_on_an_hf_dir(tmp_path):
-    """`scpo eval --hf DIR`: no Megatron, writes eval/<label>.json with the synthetic-task columns."""
+def test_scpo_eval_on_an_hf_dir(tmp_path, monkeypatch):
+    """`scpo eval --hf DIR`: no Megatron, writes eval/<label>.json with the synthetic-task columns; the prompts
+    are encoded once (the length check's ids are the ones generated from)."""
     from megatron_scpo.data.tiny_model import init_tiny_model
-    from megatron_scpo.trainer.evaluate import main as eval_main
+    from megatron_scpo.trainer import evaluate
+    from megatron_scpo.trainer.eval_cli import main as eval_main
+
+    calls = []
+    encode = evaluate.encode_eval_prompts
+    monkeypatch.setattr(evaluate, "encode_eval_prompts", lambda *a: calls.append(len(a[2])) or encode(*a))
 
     model = init_tiny_model(tmp_path / "m", seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                             head_dim=32)
@@ -194,3 +200,4 @@ def test_scpo_eval_on_an_hf_dir(tmp_path):
     res = json.loads((tmp_path / "eval" / "tiny.json").read_text())
     assert res["n_prompts"] == 3 and res["n_samples"] == 6 and set(res["pass@k"]) == {"1", "2"}
     assert res["mean_tokens"] <= 12 and "critical_tokens" in res and "per_difficulty" in res
+    assert calls == [3]

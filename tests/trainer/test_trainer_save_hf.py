@@ -71,8 +71,9 @@ def _check_checkpoints(run_dir: Path, out_root: Path, rank: int, tp_loads: tuple
 
 def _world1(rank: int, world: int, out_json: str, root: str) -> None:
     from megatron_scpo.config import load_config
-    from megatron_scpo.trainer import evaluate
-    from megatron_scpo.trainer.run import evaluate_checkpoint, quiet_warnings, train
+    from megatron_scpo.trainer import eval_cli
+    from megatron_scpo.trainer.eval_cli import evaluate_checkpoint
+    from megatron_scpo.trainer.run import quiet_warnings, train
 
     quiet_warnings()
     root_p = Path(root)
@@ -82,7 +83,7 @@ def _world1(rank: int, world: int, out_json: str, root: str) -> None:
     # the same checkpoint evaluated through Megatron (load + weight sync) and as a plain HF dir
     cfg = load_config(None, [*WORLD1, *EVAL])
     evaluate_checkpoint(cfg, run_dir, "rl_scpo", "megatron", str(root_p / "eval_mcore"))
-    assert evaluate.main([str(run_dir / "config.yaml"), *EVAL, "--hf", str(run_dir / "checkpoints/rl_scpo/hf"),
+    assert eval_cli.main([str(run_dir / "config.yaml"), *EVAL, "--hf", str(run_dir / "checkpoints/rl_scpo/hf"),
                           "--label", "hf", "--out", str(root_p / "eval_hf")]) == 0
     res["eval"] = {k: json.loads((root_p / d / "eval" / f"{k}.json").read_text())
                    for k, d in (("megatron", "eval_mcore"), ("hf", "eval_hf"))}
