@@ -290,10 +290,11 @@ class OverlongConfig:
     penalty_factor: float = 1.0
 
     def validate(self) -> None:
-        if self.enabled and self.max_length is not None and not 0 < self.cache_length <= self.max_length:
+        """The one home of the window rule: ``0 < cache_length < max_length`` (a window as long as the limit
+        starts punishing at length 0). The experiment config re-runs this once it has derived max_length."""
+        if self.enabled and self.max_length is not None and not self.cache_length < self.max_length:
             raise ValueError(
-                f"need 0 < cache_length <= max_length, got cache_length {self.cache_length}, max_length "
-                f"{self.max_length}"
+                f"cache_length ({self.cache_length}) must be < max_length ({self.max_length}, the generation limit)"
             )
         if self.cache_length <= 0:
             raise ValueError(f"cache_length must be > 0, got {self.cache_length}")

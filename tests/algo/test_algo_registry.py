@@ -348,6 +348,34 @@ def test_config_sections_from_yaml():
     for bad, msg in (({"scpo": {"k1": 2.0}}, "scpo: k1"), ({"scpo": {"advantage": "gae"}}, "scpo.advantage"),
                      ({"lapo": {"budget_template": "no n"}}, "lapo: budget_template"),
                      ({"method": "calibration", "overlong": {"enabled": True}}, "overlong.enabled"),
-                     ({"clip": {"eps_low_min": 0.3, "eps_low_max": 0.1}}, "eps_low_min")):
+                     ({"clip": {"adaptive": True, "eps_low_min": 0.3, "eps_low_max": 0.1}},
+                      r"eps_low_min \(0.3\) must be <= eps_low_max"),
+                     # a key of the other clip mode would do nothing: an error naming it
+                     ({"clip": {"adaptive": True, "eps_high": 0.28}}, "clip: eps_high does nothing with adaptive: true"),
+                     ({"clip": {"eps_low_min": 0.1}}, "clip: eps_low_min does nothing with adaptive: false"),
+                     ({"clip": {"invert": True}}, "clip: invert does nothing without adaptive"),
+                     ({"overlong": {"enabled": True, "max_length": 10, "cache_length": 10}},
+                      r"cache_length \(10\) must be < max_length \(10")):
         with pytest.raises(configlib.ConfigError, match=msg):
             configlib.build(AlgoConfig, bad)
+        if bad != {"scpo": {"advantage": "gae"}}:  # (a Literal: the loader's check, not validate()'s)
+            with pytest.raises(ValueError, match=msg):  # build_method runs the same checks on a hand-built config
+                build_method(_unchecked(AlgoConfig, bad))
+
+
+def _unchecked(cls, data):
+    """A dataclass tree built from ``data`` without running any ``validate()`` (a hand-built config)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kw = {k: _unchecked(hints[k], v) if isinstance(v, dict) else v for k, v in data.items()}
+    return cls(**kw) if dataclasses.is_dataclass(cls) else data
+
+
+def test_clip_modes_resolve_their_documented_nulls():
+    from megatron_scpo.algo.config import ClipConfig
+
+    assert ClipConfig().fixed() == (0.2, 0.2) and ClipConfig(eps_high=0.28).fixed() == (0.2, 0.28)
+    assert ClipConfig(adaptive=True).ranges() == ((0.1, 0.3), (0.1, 0.3))
+    assert ClipConfig(adaptive=True, eps_high_max=0.35).ranges() == ((0.1, 0.3), (0.1, 0.35))
