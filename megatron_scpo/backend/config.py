@@ -11,7 +11,6 @@ class ModelConfig:
     """Where the policy comes from: an HF checkpoint dir, or an HF config to build a fresh model."""
 
     hf_path: str | None = None  # HF model dir (config.json + safetensors + tokenizer)
-    mcore_path: str | None = None  # Megatron dist-checkpoint dir (from `scpo convert hf-to-mcore`)
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 

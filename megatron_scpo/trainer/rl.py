@@ -197,7 +197,7 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
         return {**col.metrics, **timer.metrics(), "train/num_tokens": 0.0, "weight_version": rt.weight_version,
                 "data/prompt_ids": prompt_ids}
     segs = segment(rt, r)
-    pos_before = dict(getattr(rt.policy, "position_stats", {}))
+    pos_before = dict(rt.policy.position_stats)
     padded = pad_batch(r.prompt_ids, r.response_ids, rt.pad_id)
     T = cfg.rollout.temperature
     with timer.phase("old_logprob"):
@@ -253,7 +253,7 @@ def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: i
             print(f"[rl] step {step}: {', '.join(what) or 'non-finite loss'}: {skipped} optimizer step(s) skipped",
                   flush=True)
     n_tok = sum(padded.response_lens)
-    pos = {k: v - pos_before.get(k, 0) for k, v in getattr(rt.policy, "position_stats", {}).items()}
+    pos = {k: v - pos_before.get(k, 0) for k, v in rt.policy.position_stats.items()}
     if pos.get("computed_positions"):  # every backend pass of the step (old/ref log-probs, importance, train)
         metrics["perf/padding_efficiency"] = pos["real_tokens"] / pos["computed_positions"]
         metrics["perf/padded_layout_efficiency"] = pos["real_tokens"] / max(pos["padded_positions"], 1)

@@ -139,7 +139,6 @@ def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
 
     from megatron_scpo.backend.policy import MegatronPolicy
     from megatron_scpo.convert.hf_io import read_hf_checkpoint
-    from megatron_scpo.convert.live import load_hf_into_model
     from megatron_scpo.data.tokenizer import load_tokenizer
     from megatron_scpo.trainer.checkpoint import CheckpointManager
     from megatron_scpo.trainer.metrics import MetricsLogger
@@ -155,10 +154,7 @@ def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
             _write_tiny_model(cfg, hf_dir, tok)
     barrier()
     _, _, hf_tensors = read_hf_checkpoint(hf_dir)
-    if hasattr(policy, "load_hf_weights"):  # also refreshes the optimizer's main params
-        policy.load_hf_weights(hf_tensors)
-    else:
-        load_hf_into_model(policy.modules(), hf_config, hf_tensors)
+    policy.load_hf_weights(hf_tensors)  # also refreshes the optimizer's main params
     del hf_tensors
     tokenizer = load_tokenizer(hf_dir)
     engine = make_engine(cfg, hf_dir, tokenizer) if rank == 0 else None
