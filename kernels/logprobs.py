@@ -356,6 +356,9 @@ def linear_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (+ entropy) of ``targets`` under softmax(hidden @ weight.T / temperature), chunked.
 
+    Not on the training path yet (the backend's output layer produces logits, then ``fused_logprobs``);
+    tested and benchmarked only (benchmarks/bench_kernels.py). Torch path only (no Triton kernel).
+
     hidden [N, H] (replicated across TP ranks), weight [V_local, H] (this rank's vocab shard, no bias).
     Extra memory is O(N * chunk_size) in forward and backward (the backward recomputes each logits
     chunk). With ``tp_group`` the hidden gradient is all-reduced over the group unless
