@@ -132,7 +132,6 @@ scpo_make_plan() {  # args: config overrides
     local flags=(--nodes "$SCPO_NODES" --gpus-per-node "$SCPO_GPUS_PER_NODE"
         --rollout-nodes "${SCPO_ROLLOUT_NODES:-0}" --hostnames "$SCPO_HOSTS" --addresses "$SCPO_ADDRS"
         --master-port "$SCPO_MASTER_PORT" --run-dir "$SCPO_RUN_DIR" --python "$SCPO_PYTHON"
-        --launch-dir "$SCPO_HOME/launch"
         --torchrun-log-dir "$SCPO_LOG_DIR/ranks" --write-plan "$SCPO_PLAN")
     if [ "${SCPO_COLOCATE:-0}" = "1" ]; then flags+=(--colocate); fi
     if [ "${SCPO_CPU:-0}" = "1" ]; then flags+=(--cpu); fi

@@ -15,6 +15,7 @@ instead. ``--cpu`` is the test mode: gloo, no GPUs, the in-process rollout engin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -244,30 +245,30 @@ def _rollout_engine(cfg: ExperimentConfig, config_path: str, launch_servers: boo
 
 
 def _add_sglang(cfg: ExperimentConfig, server_nodes: list[NodePlan], gpus_per_node: int, colocate: bool,
-                python: str, launch_dir: str, notes: list[str]) -> tuple[list[str], str]:  # fmt: skip
+                python: str, notes: list[str]) -> tuple[list[str], str]:  # fmt: skip
     """Append SGLang servers (one per tp_size GPUs) to every server node and the router to the first;
-    returns (server URLs, router URL). Servers and router run ``rollout.sglang.python`` (SGLang's environment)
-    when set, else the nodes' ``python``, with ``rollout.sglang.env`` added to their environment."""
+    returns (server URLs, router URL).
+
+    Each server's command line is ``rollout.sglang.build_launch_command`` (the engine's launch mode uses it too)
+    of ``rollout.sglang`` with this node's host, port and GPU slice, ``mem_fraction_static`` defaulting to 0.4
+    colocated / 0.85 alone, ``--enable-memory-saver`` added when colocated, a fixed NCCL port, no ``launcher``
+    (launch mode only). Servers and router run ``rollout.sglang.python`` (SGLang's environment) when set, else
+    the nodes' ``python``, with ``rollout.sglang.env`` added to their environment."""
+    from megatron_scpo.rollout.sglang import build_launch_command
+
     sg = cfg.rollout.sglang
     mem = sg.mem_fraction_static if sg.mem_fraction_static is not None else (0.4 if colocate else 0.85)
+    extra = list(sg.extra_args)
+    if colocate and "--enable-memory-saver" not in extra:
+        extra.append("--enable-memory-saver")  # lets the trainer release/resume KV cache memory
+    model_path = str(sg.model_path or cfg.model.hf_path)
     urls: list[str] = []
     for n in server_nodes:
         for s in range(gpus_per_node // sg.tp_size):
             port = sg.base_port + SGLANG_PORT_STRIDE * (s + 1)
-            argv = [
-                "bash", f"{launch_dir}/sglang_server.sh", "--model-path", str(sg.model_path or cfg.model.hf_path),
-                "--host", n.address, "--port", str(port), "--tp", str(sg.tp_size), "--mem-fraction", f"{mem:g}",
-                "--base-gpu-id", str(s * sg.tp_size), "--nccl-port", str(port + 1), "--dtype", sg.dtype,
-            ]  # fmt: skip
-            if sg.context_length:
-                argv += ["--context-length", str(sg.context_length)]
-            extra = list(sg.extra_args)
-            if colocate and "--enable-memory-saver" not in extra:
-                extra.append("--enable-memory-saver")  # lets the trainer release/resume KV cache memory
-            if sg.python:  # the servers' own environment (rollout.sglang.python), not the trainer's interpreter
-                argv += ["--python", sg.python]
-            if extra:
-                argv += ["--", *extra]
+            server = dataclasses.replace(sg, host=n.address, base_port=port, base_gpu_id=s * sg.tp_size,
+                                         mem_fraction_static=mem, extra_args=extra, launcher=[])
+            argv = build_launch_command(server, 0, model_path, python=sg.python or python, nccl_port=port + 1)
             url = f"http://{n.address}:{port}"
             urls.append(url)
             n.processes.append(Process(f"sglang-{s}", "service", argv, env=dict(sg.env), health_url=f"{url}/health"))
@@ -323,7 +324,6 @@ def make_plan(
     run_dir: str | None = None,
     master_port: int = DEFAULT_MASTER_PORT,
     python: str = "python3",
-    launch_dir: str = "launch",
     torchrun_log_dir: str | None = None,
 ) -> LaunchPlan:
     """Validate config + allocation and lay out every node's processes (raises LaunchPlanError).
@@ -365,7 +365,7 @@ def make_plan(
     trainer_overrides = list(overrides)
     if launch_servers:
         server_nodes = node_plans[:train_nodes] if colocate else node_plans[train_nodes:]
-        server_urls, router_url = _add_sglang(cfg, server_nodes, gpus_per_node, colocate, python, launch_dir, notes)
+        server_urls, router_url = _add_sglang(cfg, server_nodes, gpus_per_node, colocate, python, notes)
         planned = _sglang_overrides(cfg, server_nodes, server_urls, router_url, master_addr, master_port, notes)
         trainer_overrides += [f"{k}={v}" for k, v in planned.items() if not _has_override(overrides, k)]
 
@@ -446,7 +446,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: config run_dir, else runs/<name>)")
     p.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
     p.add_argument("--python", default="python3", help="interpreter the nodes use")
-    p.add_argument("--launch-dir", default="launch", help="where sglang_server.sh lives on the nodes")
     p.add_argument("--torchrun-log-dir", help="per-rank torchrun logs under DIR/<node>/")
     g = p.add_argument_group("used by launch/*.slurm")
     g.add_argument("--write-plan", metavar="JSON", help="validate, write the plan JSON (+ .env next to it)")
@@ -485,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, rollout_nodes=args.rollout_nodes,
             colocate=args.colocate, cpu=args.cpu, overrides=args.overrides, hostnames=_csv(args.hostnames),
             addresses=_csv(args.addresses), run_dir=args.run_dir, master_port=args.master_port,
-            python=args.python, launch_dir=args.launch_dir,
+            python=args.python,
             torchrun_log_dir=args.torchrun_log_dir,
         )  # fmt: skip
     except ConfigError as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 from megatron_scpo.rollout.base import (
@@ -16,30 +18,37 @@ from megatron_scpo.rollout.base import (
 from megatron_scpo.rollout.config import RolloutConfig, SGLangConfig
 
 
-def sampling_params_from_config(cfg: RolloutConfig, **overrides: Any) -> SamplingParams:
-    """The config's sampling settings as SamplingParams (validated); overrides e.g. for evaluation."""
-    kw: dict[str, Any] = dict(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        stop=list(cfg.stop), stop_token_ids=list(cfg.stop_token_ids), seed=cfg.seed,
-    )
-    kw.update(overrides)
-    return SamplingParams(**kw).validate()
+def sampling_params(cfg: RolloutConfig, *, temperature: float, seed: int | None, eos_id: int) -> SamplingParams:
+    """The rollout section's sampling settings at ``temperature`` with ``seed`` (validated); EOS always stops.
+
+    ``temperature``: ``rollout.temperature`` for RL rollouts, a stage's own (stage 1 rejection sampling).
+    ``seed``: the caller's (the trainer derives it from ``rl.seed`` and the step, so a resumed step samples the
+    same rows). ``stop_token_ids``: ``{eos_id} | rollout.stop_token_ids``, sorted.
+    """
+    return SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        stop=list(cfg.stop), stop_token_ids=sorted({eos_id, *cfg.stop_token_ids}), seed=seed,
+    ).validate()
 
 
-def build_engine(cfg: RolloutConfig, *, model: Any = None, tokenizer: Any = None) -> RolloutEngine:
-    """LocalEngine around ``model`` (a transformers causal LM) or SGLangEngine from ``cfg.sglang``."""
+def build_engine(cfg: RolloutConfig, hf_dir: str | Path, tokenizer: Any) -> RolloutEngine:
+    """The engine ``cfg.engine`` selects, serving the HF model dir ``hf_dir`` (``scpo train``, ``scpo eval``).
+
+    ``local``: a LocalEngine in this process (``LocalEngine.from_pretrained``, ``local_max_batch_size`` rows per
+    decode). ``sglang``: an SGLangEngine on ``sglang_urls``, or on servers it launches from ``cfg.sglang`` with
+    ``model_path`` defaulting to ``hf_dir``; prompts are checked against ``len(tokenizer)``.
+    """
     if cfg.engine == "local":
-        if model is None:
-            raise ValueError("rollout.engine=local needs the transformers model to sample from")
         from megatron_scpo.rollout.local import LocalEngine
 
-        return LocalEngine(model, tokenizer, max_batch_size=cfg.local_max_batch_size)
+        return LocalEngine.from_pretrained(hf_dir, tokenizer=tokenizer, max_batch_size=cfg.local_max_batch_size)
     from megatron_scpo.rollout.sglang import SGLangEngine
 
-    return SGLangEngine(cfg.sglang, cfg.sglang_urls or None)
+    sg = cfg.sglang if cfg.sglang.model_path is not None else dataclasses.replace(cfg.sglang, model_path=str(hf_dir))
+    return SGLangEngine(sg, urls=list(cfg.sglang_urls) or None, vocab_size=len(tokenizer))
 
 
 __all__ = [
     "LogprobMismatchError", "RolloutConfig", "RolloutEngine", "RolloutInputError", "RolloutServerError", "SGLangConfig",
-    "Sample", "SamplingParams", "WeightSyncError", "build_engine", "sampling_params_from_config",
+    "Sample", "SamplingParams", "WeightSyncError", "build_engine", "sampling_params",
 ]

@@ -24,7 +24,8 @@ class SGLangConfig:
     dtype: str = "auto"
     extra_args: list[str] = field(default_factory=list)  # appended verbatim to the launch command line
     # Servers live in their own environment (SGLang's image/venv, not the trainer's): the interpreter that runs
-    # ``-m sglang.launch_server`` (launch mode, launch/sglang_server.sh, the SLURM plan's servers and router).
+    # ``-m sglang.launch_server`` (launch mode and the SLURM plan's servers: ``sglang.build_launch_command``; the plan's
+    # router).
     # None: this process's interpreter in launch mode, ``python3`` in plans.
     python: str | None = None
     launcher: list[str] = field(default_factory=list)  # launch mode: command prefix, e.g. [apptainer, exec, img.sif]
@@ -65,7 +66,6 @@ class RolloutConfig:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
-    seed: int | None = None  # sampling seed (LocalEngine reproducible; SGLang best effort)
     sglang_urls: list[str] = field(default_factory=list)  # attach to running servers
     logprob_tolerance: float = 1e-3  # post-sync check, max |engine - trainer| log-prob
     check_num_sequences: int = 4  # post-sync check: fixed sequences scored by engine and trainer

@@ -54,8 +54,6 @@ from megatron_scpo.rollout.base import (
 from megatron_scpo.rollout.config import SGLangConfig
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
-# Files copied from the base checkpoint into each disk-sync dir (everything except weights).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -94,11 +92,19 @@ def parse_weight_version(v: Any) -> int | None:
         return None
 
 
-def build_launch_command(cfg: SGLangConfig, index: int, model_path: str, python: str | None = None) -> list[str]:
-    """The ``sglang.launch_server`` command line for server ``index`` (port and GPUs offset by index).
+def build_launch_command(
+    cfg: SGLangConfig, index: int, model_path: str, python: str | None = None, *, nccl_port: int | None = None
+) -> list[str]:
+    """The one ``python -m sglang.launch_server`` command line: server ``index`` of ``cfg`` (its port and GPUs
+    offset by ``index``).
 
-    The interpreter is ``python``, else ``cfg.python`` (SGLang's own environment), else ``sys.executable``;
-    ``cfg.launcher`` is prepended (e.g. a container runtime). Flags: ``sglang/srt/server_args.py``.
+    Every server we start comes from here: the engine's launch mode (``index`` 0..num_servers-1) and the SLURM plan
+    (``launch_plan``, one config per server: its node's host, port and GPU slice as ``host`` / ``base_port`` /
+    ``base_gpu_id``, index 0). The interpreter is ``python``, else ``cfg.python`` (SGLang's own environment), else
+    ``sys.executable``; ``cfg.launcher`` is prepended (e.g. a container runtime). ``--mem-fraction-static`` /
+    ``--context-length`` only when set (else SGLang's defaults); ``nccl_port`` fixes ``--nccl-port`` (several
+    servers on one node must not race for a random one); ``cfg.extra_args`` come last, verbatim.
+    Flags: ``sglang/srt/server_args.py``.
     """
     cmd = [
         *cfg.launcher, python or cfg.python or sys.executable, "-m", "sglang.launch_server",
@@ -113,6 +119,8 @@ def build_launch_command(cfg: SGLangConfig, index: int, model_path: str, python:
         cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
     if cfg.context_length is not None:
         cmd += ["--context-length", str(cfg.context_length)]
+    if nccl_port is not None:
+        cmd += ["--nccl-port", str(nccl_port)]
     return cmd + list(cfg.extra_args)
 
 
@@ -502,14 +510,13 @@ class SGLangEngine:
             self._reset_weight_group()  # a restarted server left the group: broadcasts to it would hang
         try:
             self.pause()
-            buckets = bucket_named_tensors(named_tensors, int(self.cfg.weight_bucket_mb * 2**20))
             if mode == "disk":
-                self._sync_disk(buckets, version)
+                self._sync_disk(named_tensors, version)
             else:
                 send: Callable[[list[tuple[str, Tensor]]], None] = (
                     self._send_tensor_bucket if mode == "tensor" else self._send_distributed_bucket
                 )
-                for bucket in buckets:
+                for bucket in bucket_named_tensors(named_tensors, int(self.cfg.weight_bucket_mb * 2**20)):
                     send(bucket)
                 self._all_workers("/update_weight_version", {"new_version": str(version), "abort_all_requests": False})
             # 400 while requests are still running: retry it like a transient failure
@@ -586,9 +593,15 @@ class SGLangEngine:
             for f in futs:
                 self._check_success(f.result(), "init_weights_update_group")
 
-    def _sync_disk(self, buckets: Iterable[list[tuple[str, Tensor]]], version: int) -> None:
-        """Write an HF checkpoint dir (sharded safetensors + index + the base config files) and load it."""
-        from safetensors.torch import save_file
+    def _sync_disk(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        """Write an HF checkpoint dir ``weights_v<version>`` and have every worker load it.
+
+        The dir is what ``convert.hf_io`` writes for every HF export (``write_safetensors``: ``model.safetensors``,
+        or shards of at most ``weight_bucket_mb`` + ``model.safetensors.index.json``; ``copy_side_files``: the
+        base checkpoint's config, generation config and tokenizer files), so SGLang loads it like any HF model.
+        Tensors are copied as they stream in (the trainer may reuse its buffers; tied views must not share storage).
+        """
+        from megatron_scpo.convert.hf_io import copy_side_files, write_safetensors
 
         root = Path(self.cfg.disk_sync_dir or tempfile.mkdtemp(prefix="scpo_weights_"))
         out = root / f"weights_v{version}"
@@ -596,18 +609,9 @@ class SGLangEngine:
             shutil.rmtree(out)
         out.mkdir(parents=True)
         if self.cfg.model_path:
-            for f in Path(self.cfg.model_path).iterdir():
-                if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
-                    shutil.copy2(f, out / f.name)
-        shards: list[dict[str, Tensor]] = [
-            {n: t.detach().cpu().contiguous().clone() for n, t in b} for b in buckets
-        ]
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, fname))
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+            copy_side_files(self.cfg.model_path, out)
+        owned = ((n, t.detach().cpu().contiguous().clone()) for n, t in named_tensors)
+        write_safetensors(owned, out, max_shard_bytes=int(self.cfg.weight_bucket_mb * 2**20))
         # flush_cache False: SGLang's in-request flush asserts (and kills the scheduler) when a request is still
         # running, e.g. a router health probe admitted after the pause; we flush afterwards with retries instead
         payload = {"model_path": str(out), "weight_version": str(version), "abort_all_requests": False,

@@ -55,23 +55,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def make_engine(cfg: ExperimentConfig, hf_dir: str | Path, tokenizer: Any) -> Any:
-    """The rollout engine ``rollout.engine`` selects, serving the HF dir ``hf_dir`` (``scpo train`` and ``scpo eval``).
+    """``rollout.build_engine`` of the run's rollout section (``scpo train`` and ``scpo eval``)."""
+    from megatron_scpo.rollout import build_engine
 
-    ``local``: a LocalEngine in this process. ``sglang``: an SGLangEngine on ``rollout.sglang_urls`` (or servers it
-    launches from ``rollout.sglang``, with ``model_path`` defaulting to ``hf_dir``).
-    """
-    import dataclasses
-
-    if cfg.rollout.engine == "local":
-        from megatron_scpo.rollout.local import LocalEngine
-
-        return LocalEngine.from_pretrained(hf_dir, tokenizer=tokenizer, max_batch_size=cfg.rollout.local_max_batch_size)
-    from megatron_scpo.rollout.sglang import SGLangEngine
-
-    sg = cfg.rollout.sglang
-    if sg.model_path is None:
-        sg = dataclasses.replace(sg, model_path=str(hf_dir))
-    return SGLangEngine(sg, urls=list(cfg.rollout.sglang_urls) or None, vocab_size=len(tokenizer))
+    return build_engine(cfg.rollout, hf_dir, tokenizer)
 
 
 @dataclass

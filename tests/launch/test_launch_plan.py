@@ -75,13 +75,10 @@ def test_4b_script_plan_two_nodes_disaggregated(tmp_path: Path) -> None:
     # rollout node: 8 single-GPU servers on ports 30010..30080 (NCCL port +1), router on 30000
     servers = [p for p in b.processes if p.name.startswith("sglang-")]
     assert len(servers) == 8
-    for i, p in enumerate(servers):
-        argv = p.argv
-        assert argv[:2] == ["bash", f"{REPO}/launch/sglang_server.sh"]
-        opt = dict(zip(argv[2::2], argv[3::2]))
-        assert opt["--port"] == str(30010 + 10 * i) and opt["--nccl-port"] == str(30011 + 10 * i)
-        assert opt["--base-gpu-id"] == str(i) and opt["--tp"] == "1" and opt["--host"] == "gpu-b"
-        assert opt["--model-path"] == "/models/qwen3-4b" and opt["--mem-fraction"] == "0.85"
+    for i, p in enumerate(servers):  # the nodes' interpreter (no rollout.sglang.python), SGLang's defaults
+        assert p.argv == ["python3", "-m", "sglang.launch_server", "--model-path", "/models/qwen3-4b", "--host", "gpu-b",
+                          "--port", str(30010 + 10 * i), "--tp-size", "1", "--base-gpu-id", str(i), "--dtype", "auto",
+                          "--mem-fraction-static", "0.85", "--nccl-port", str(30011 + 10 * i)]  # fmt: skip
         assert p.kind == "service" and p.health_url == f"http://gpu-b:{30010 + 10 * i}/health"
     (router,) = [p for p in b.processes if p.name == "router"]
     assert router.argv[1:3] == ["-m", "sglang_router.launch_router"]
@@ -143,7 +140,7 @@ def test_1p5b_script_colocates_servers_with_trainer(tmp_path: Path) -> None:
     names = [p.name for p in node.processes]
     assert names == [f"sglang-{i}" for i in range(8)] + ["router", "trainer"]
     server = node.processes[0].argv
-    assert server[server.index("--mem-fraction") + 1] == "0.4" and "--enable-memory-saver" in server
+    assert server[server.index("--mem-fraction-static") + 1] == "0.4" and server[-1] == "--enable-memory-saver"
     assert node.wait_for == ["http://g1:30000/health"]
     # same node as rank 0: the configured tensor sync stays
     trainer = node.processes[-1].argv
@@ -247,21 +244,30 @@ def test_scpo_launch_dry_run_cli(tmp_path: Path, capsys: pytest.CaptureFixture[s
         plan.node("zz")
 
 
-def test_sglang_server_script_builds_the_real_command() -> None:
-    res = subprocess.run(
-        ["bash", str(LAUNCH / "sglang_server.sh"), "--model-path", "/m", "--host", "h", "--port", "30010", "--tp", "2",
-         "--mem-fraction", "0.4", "--base-gpu-id", "2", "--nccl-port", "30011", "--dtype", "bfloat16",
-         "--context-length", "4096", "--", "--enable-memory-saver"],
-        env={**os.environ, "SCPO_SGLANG_PRINT_ONLY": "1", "SCPO_PYTHON": "py"}, capture_output=True, text=True,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    argv = shlex.split(res.stderr.strip().removeprefix("+ "))
-    assert argv == ["py", "-m", "sglang.launch_server", "--model-path", "/m", "--host", "h", "--port", "30010",
-                    "--tp-size", "2", "--base-gpu-id", "2", "--mem-fraction-static", "0.4", "--dtype", "bfloat16",
-                    "--trust-remote-code", "--nccl-port", "30011", "--context-length", "4096",
-                    "--enable-memory-saver"]  # fmt: skip
-    res = subprocess.run(["bash", str(LAUNCH / "sglang_server.sh")], capture_output=True, text=True)
-    assert res.returncode == 2 and "--model-path is required" in res.stderr
+def test_plan_servers_use_the_engines_launch_command(tmp_path: Path) -> None:
+    """One command line for an SGLang server: the plan's (its host/port/GPU slice, fixed NCCL port, colocated
+    memory settings) is ``build_launch_command``'s, the one the engine's launch mode runs."""
+    from megatron_scpo.rollout.sglang import build_launch_command
+
+    cfg = write_config(tmp_path / "c.yaml", rollout={"sglang": {
+        "tp_size": 2, "dtype": "bfloat16", "context_length": 4096, "extra_args": ["--disable-radix-cache"],
+        "base_port": 31000, "launcher": ["apptainer", "exec", "x.sif"]}})  # fmt: skip
+    plan = make_plan(str(cfg), nodes=1, gpus_per_node=4, colocate=True, python="py", hostnames=["h"])
+    servers = [p for p in plan.node_plans[0].processes if p.name.startswith("sglang-")]
+    assert [p.argv for p in servers] == [
+        ["py", "-m", "sglang.launch_server", "--model-path", "/models/qwen3-4b", "--host", "h", "--port", str(port),
+         "--tp-size", "2", "--base-gpu-id", str(gpu), "--dtype", "bfloat16", "--mem-fraction-static", "0.4",
+         "--context-length", "4096", "--nccl-port", str(port + 1), "--disable-radix-cache", "--enable-memory-saver"]
+        for port, gpu in ((31010, 0), (31020, 2))
+    ]  # fmt: skip  (the launcher prefix is the engine's launch mode only)
+    from megatron_scpo.config import load_config
+
+    sg = load_config(str(cfg)).rollout.sglang
+    engine_cmd = build_launch_command(sg, 1, "/models/qwen3-4b", python="py")
+    assert engine_cmd[:3] == ["apptainer", "exec", "x.sif"] and engine_cmd[3:] == [
+        "py", "-m", "sglang.launch_server", "--model-path", "/models/qwen3-4b", "--host", "127.0.0.1", "--port",
+        "31001", "--tp-size", "2", "--base-gpu-id", "2", "--dtype", "bfloat16", "--context-length", "4096",
+        "--disable-radix-cache"]  # fmt: skip
 
 
 def test_wait_healthy_reports_only_the_dead_endpoint() -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 
 import pytest
-from rollout_tiny import EOS, tiny_llama
+import torch
+from rollout_tiny import EOS, tiny_llama, tiny_tokenizer
 
 from megatron_scpo.config import ConfigError, load_config
 from megatron_scpo.rollout import (
     LogprobMismatchError,
     RolloutInputError,
     build_engine,
-    sampling_params_from_config,
+    sampling_params,
 )
 from megatron_scpo.rollout.check import check_logprobs, make_check_sequences
 from megatron_scpo.rollout.local import LocalEngine
@@ -66,20 +67,30 @@ def test_local_engine_check_and_score_validation():
 def test_rollout_config_section_and_factory(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(
-        "rollout:\n  temperature: 0.6\n  top_k: 20\n  stop: ['</answer>']\n  seed: 3\n"
-        "  sglang:\n    weight_sync: distributed\n    tp_size: 2\n"
+        "rollout:\n  temperature: 0.6\n  top_k: 20\n  stop: ['</answer>']\n  stop_token_ids: [7, 1]\n"
+        "  max_new_tokens: 7\n  sglang:\n    weight_sync: distributed\n    tp_size: 2\n"
     )
     cfg = load_config(p)
     assert cfg.rollout.sglang.weight_sync == "distributed" and cfg.rollout.sglang.tp_size == 2
-    sp = sampling_params_from_config(cfg.rollout, max_new_tokens=7)
-    assert (sp.temperature, sp.top_k, sp.stop, sp.seed, sp.max_new_tokens) == (0.6, 20, ["</answer>"], 3, 7)
+    sp = sampling_params(cfg.rollout, temperature=0.9, seed=5, eos_id=EOS)
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.stop, sp.seed, sp.max_new_tokens) == (0.9, 1.0, 20, ["</answer>"], 5, 7)
+    assert sp.stop_token_ids == sorted({1, 7, EOS}) and not sp.greedy
+    with pytest.raises(RolloutInputError, match="SamplingParams.seed"):
+        sampling_params(cfg.rollout, temperature=0.9, seed=-1, eos_id=EOS)
+    # the sampling seed is rl.seed's (per step): a rollout.seed key would do nothing, so it is refused
+    with pytest.raises(ConfigError, match="unknown key rollout.seed"):
+        load_config(None, ["rollout.seed=3"])
     with pytest.raises(ConfigError, match="rollout.sglang.weight_sync"):
         load_config(None, ["rollout.sglang.weight_sync=nccl"])
     with pytest.raises(ConfigError, match="rollout.sglang"):
         load_config(None, ["rollout.sglang.max_retries=-1"])
     with pytest.raises(ConfigError, match="rollout"):
         load_config(None, ["rollout.top_k=0"])
-    eng = build_engine(load_config(None).rollout, model=tiny_llama(seed=0))
-    assert isinstance(eng, LocalEngine) and eng.max_batch_size == 256
-    with pytest.raises(ValueError, match="needs the transformers model"):
-        build_engine(load_config(None).rollout)
+    hf_dir = tmp_path / "m"
+    tiny_llama(seed=0).save_pretrained(hf_dir)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(hf_dir)
+    eng = build_engine(load_config(None, ["rollout.local_max_batch_size=3"]).rollout, hf_dir, tok)
+    assert isinstance(eng, LocalEngine) and eng.max_batch_size == 3 and eng.tokenizer is tok
+    ref = tiny_llama(seed=0)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in eng.model.state_dict().items())

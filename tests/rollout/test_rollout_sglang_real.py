@@ -216,8 +216,8 @@ def test_version_check_catches_a_server_on_another_version(real, monkeypatch):
     v = eng.weight_version + 1
     real_sync = SGLangEngine._sync_disk
 
-    def sync_then_someone_else_sets_version(self, buckets, version):
-        real_sync(self, buckets, version)
+    def sync_then_someone_else_sets_version(self, named_tensors, version):
+        real_sync(self, named_tensors, version)
         requests.post(real.url + "/update_weight_version", json={"new_version": "77"}, timeout=30)
 
     monkeypatch.setattr(SGLangEngine, "_sync_disk", sync_then_someone_else_sets_version)
@@ -237,7 +237,7 @@ def test_killed_server_retries_then_names_url_restart_restores_weights(real):
     eng.cfg.weight_sync = "disk"
     v = eng.weight_version
     live = real.root / "sync" / f"weights_v{v}"
-    assert (live / "model.safetensors.index.json").exists()
+    assert (live / "model.safetensors.index.json").exists()  # 50 KB shards (convert.hf_io.write_safetensors)
     errors: list[BaseException] = []
 
     def rollout() -> None:
