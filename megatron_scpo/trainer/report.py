@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_scpo.trainer.evaluate_math import ae_score
-from megatron_scpo.trainer.metrics import PHASES, read_metrics
+from megatron_scpo.trainer.metrics import PHASES, ROLLOUT_TOKENS_PER_S, read_metrics
 
 ORDER = ("warmstart", "stage1")
 
@@ -117,7 +117,7 @@ def phase_table(run_dir: Path) -> str:
     head = ["method", "s/step", "vs fastest"] + [f"{p} %" for p in PHASES] + ["tokens/s (rollout)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, v in mean.items():
-        tps = sum(r.get("perf/tokens_per_s") or 0.0 for r in per[m]) / len(per[m])
+        tps = sum(r.get(ROLLOUT_TOKENS_PER_S) or 0.0 for r in per[m]) / len(per[m])
         cells = [m, f"{v['step']:.2f}", f"{v['step'] / fastest:.2f}x"] + [
             f"{100 * v[p] / v['step']:.0f}" for p in PHASES] + [f"{tps:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
