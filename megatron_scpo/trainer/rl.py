@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from megatron_scpo.trainer.loss import PolicyLoss
 from megatron_scpo.trainer.metrics import IMPORTANCE_MEAN, TRAIN_METRIC_NAMES, PhaseTimer
 from megatron_scpo.trainer.rollouts import Rollouts, collect_rollouts, rollout_stats
 from megatron_scpo.trainer.runtime import Runtime
+
+if TYPE_CHECKING:
+    from megatron_scpo.algo.registry import Method
 
 
 def segment(rt: Runtime, r: Rollouts) -> list[Any]:
@@ -177,7 +180,7 @@ def train_on(rt: Runtime, batch: TrainBatch, loss_fn: LossFn, mini_batches: int,
     return agg
 
 
-def rl_step(rt: Runtime, method: Any, records: Sequence[Any], step: int, seed: int,
+def rl_step(rt: Runtime, method: Method, records: Sequence[Any], step: int, seed: int,
             draw: Callable[[int], Sequence[Any]] | None = None) -> dict[str, Any]:
     """One full RL step on ``records`` (the step's prompts); returns the step's metrics.
 

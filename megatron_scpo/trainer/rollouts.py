@@ -21,6 +21,7 @@ from megatron_scpo.trainer.metrics import ACC_MEAN, LENGTH_MEAN, ROLLOUT_TOKENS_
 from megatron_scpo.trainer.runtime import Runtime, broadcast_object
 
 if TYPE_CHECKING:
+    from megatron_scpo.algo.registry import Method
     from megatron_scpo.rollout.base import SamplingParams
 
 
@@ -193,7 +194,7 @@ class Collected:
     metrics: dict[str, float]
 
 
-def collect_rollouts(rt: Runtime, method: Any, records: Sequence[Any], seed: int,
+def collect_rollouts(rt: Runtime, method: Method, records: Sequence[Any], seed: int,
                      draw: Callable[[int], Sequence[Any]] | None = None) -> Collected:
     """Rollouts of the step's prompts, graded, aborted samples dropped, optionally dynamic sampling.
 
