@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,11 @@ class ParallelInfo:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """``{"tp", "pp", "dp", "vpp"}``: what checkpoints record (per-rank state is valid only under it)."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "vpp": self.vpp}
 
 
 def check_layout(
@@ -167,3 +173,26 @@ def destroy_parallel(process_group: bool = False) -> None:
         ps.destroy_model_parallel()
     if process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- process-group helpers for code that also runs without one (a single process: no group, or world 1) ----
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)``: the live process group's, else the launcher's env vars (RANK, WORLD_SIZE), else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when there is more than one rank; a no-op otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from ``src`` to every rank (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,72 @@
+"""Atomic file and directory writes: after a crash at any point a reader sees the old content or the new, never
+half of it. The one home of the temp-then-rename pattern (trainer checkpoints, the ``latest`` pointer, JSON state).
+
+A write goes to a temp name beside its target (same directory, so the rename never crosses filesystems), is
+fsynced, and is renamed over the target with ``os.replace`` (atomic on POSIX); the directory is fsynced after
+so the rename itself survives a power loss. Temp names end in ``.tmp``: scanners skip them, cleanup removes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory (makes renames / new entries in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and directory under ``path`` (files first, then their directories)."""
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (``<path>.tmp``, fsync, rename, fsync the directory)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """``write_text_atomic`` of ``data`` as JSON (indent 1, sorted keys: stable, diffable state files)."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Move the complete directory ``src`` to ``dst`` (fsynced first), replacing any existing ``dst``.
+
+    An existing ``dst`` is renamed aside to ``<dst>.old.tmp`` and removed after ``src`` took its name, so a crash
+    leaves ``dst`` old or new, or (between the two renames only) just the ``.tmp`` names that cleanup removes.
+    """
+    src, dst = Path(src), Path(dst)
+    fsync_tree(src)
+    old = dst.with_name(dst.name + ".old" + TMP_SUFFIX)
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)
