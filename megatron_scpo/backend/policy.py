@@ -21,15 +21,10 @@ gradient averaging over DP. The reported ``loss`` is exactly the global-batch lo
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
-import shutil
-import uuid
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +32,7 @@ import torch.distributed as dist
 from scpo_kernels import NonFiniteError
 
 from megatron_scpo.backend import logprobs as lpmod
+from megatron_scpo.backend.checkpoint import load_shards, save_shards
 from megatron_scpo.backend.config import ParallelConfig
 from megatron_scpo.backend.model import build_model, parse_hf_config, unwrap
 from megatron_scpo.backend.packing import (
@@ -46,13 +42,6 @@ from megatron_scpo.backend.packing import (
 )
 from megatron_scpo.backend.parallel import init_parallel
 from megatron_scpo.backend.seam import BatchError, LossFn, TrainBatch
-
-CKPT_META = "scpo_backend_meta.json"
-CKPT_FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or incompatible with this model."""
 
 
 def _optim_value(cfg: Any, name: str, default: Any) -> Any:
@@ -486,218 +475,13 @@ class MegatronPolicy:
         self.optimizer.reload_model_params()
 
     # ------------------------------------------------------------------ checkpoints
-    def _model_sharded_state_dict(self) -> dict[str, Any]:
-        mods = self.modules()
-        if len(mods) == 1:
-            return {"model": mods[0].sharded_state_dict()}
-        return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(mods)}
+    def save_shards(self, directory: str | os.PathLike) -> None:
+        """Model + optimizer shards and the backend meta into ``directory`` (collective; ``backend/checkpoint.py``).
 
-    def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
-        model_sd = self._model_sharded_state_dict()
-        sd = dict(model_sd)
-        metadata = {"distrib_optim_sharding_type": self.ckpt_optim_sharding}
-        # Nested per chunk, as Megatron-LM passes it: the chunks' *local* keys collide under VPP (every chunk
-        # has decoder.layers.0...), so a flattened dict would silently drop all but the last chunk's params.
-        sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
-        return sd
-
-    def _rng_state(self) -> dict[str, Any]:
-        import numpy as np
-        from megatron.core import tensor_parallel
-
-        return {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-        }
-
-    def _set_rng_state(self, st: dict[str, Any]) -> None:
-        import numpy as np
-        from megatron.core import tensor_parallel
-
-        random.setstate(st["python"])
-        np.random.set_state(st["numpy"])
-        torch.set_rng_state(st["torch"])
-        if st.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(st["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(st["tracker"])
-
-    def _layout(self) -> dict[str, int]:
-        return {"tp": self.info.tp, "pp": self.info.pp, "dp": self.info.dp, "vpp": self.info.vpp}
-
-    def _gather_rng(self) -> list[dict[str, Any]] | None:
-        states: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(states, self._rng_state())
-        return states
-
-    def save_checkpoint(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-        """Save model + optimizer + per-rank RNG atomically (temp dir, then rename); returns the final path.
-
-        A crash mid-save leaves only ``<dir>.tmp-*``; ``<dir>`` appears complete or not at all.
+        Not atomic and no RNG: ``CheckpointManager.save`` hands a directory inside its temp dir and saves the RNG.
         """
-        from megatron.core import dist_checkpointing
+        save_shards(self, directory)
 
-        final = Path(directory).absolute()
-        token = [uuid.uuid4().hex[:8] if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(token, src=0)
-        tmp = final.parent / f"{final.name}.tmp-{token[0]}"
-        if dist.get_rank() == 0:
-            tmp.mkdir(parents=True, exist_ok=False)
-        dist.barrier()
-        # A never-stepped DistributedOptimizer has empty Adam state, which megatron (no TE/Apex) cannot
-        # shard for saving; zero state with step 0 is exactly what the first step would create.
-        _prime_optimizer_state(self.optimizer)
-        dist_checkpointing.save(self._sharded_state_dict(is_loading=False), str(tmp))
-        rng = self._gather_rng()
-        dist.barrier()
-        if dist.get_rank() == 0:
-            torch.save(rng, tmp / "rng_states.pt")
-            meta = {
-                "format_version": CKPT_FORMAT_VERSION,
-                "layout": self._layout(),
-                "steps_done": self.steps_done,
-                "model_type": self.arch.model_type,
-                "vocab_size": self.arch.vocab_size,
-                "num_layers": self.arch.num_layers,
-                "hidden_size": self.arch.hidden_size,
-                "optim_sharding": self.ckpt_optim_sharding,
-                "use_distributed_optimizer": self.parallel.use_distributed_optimizer,
-                "extra": extra or {},
-            }
-            (tmp / CKPT_META).write_text(json.dumps(meta, indent=1))
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-            old = None
-            if final.exists():
-                old = final.parent / f"{final.name}.old-{token[0]}"
-                final.rename(old)
-            tmp.rename(final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-        return final
-
-    def read_checkpoint_meta(self, directory: str | os.PathLike) -> dict[str, Any]:
-        path = Path(directory)
-        meta_file = path / CKPT_META
-        if not meta_file.is_file():
-            raise CheckpointError(f"{path}: not a complete backend checkpoint (missing {CKPT_META})")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format_version") != CKPT_FORMAT_VERSION:
-            raise CheckpointError(f"{meta_file}: format_version {meta.get('format_version')} != {CKPT_FORMAT_VERSION}")
-        for k in ("model_type", "vocab_size", "num_layers", "hidden_size"):
-            mine = getattr(self.arch, k)
-            if meta.get(k) != mine:
-                raise CheckpointError(f"{meta_file}: checkpoint {k}={meta.get(k)!r} but this model has {k}={mine!r}")
-        return meta
-
-    def load_checkpoint(self, directory: str | os.PathLike, load_optimizer: bool = True) -> dict[str, Any]:
-        """Load a checkpoint saved by ``save_checkpoint`` (any TP/PP layout for fully_reshardable).
-
-        RNG states are restored only when the layout is unchanged (they are per-rank). Returns the meta dict
-        (``extra`` holds what the caller passed to save_checkpoint).
-        """
-        from megatron.core import dist_checkpointing
-
-        path = Path(directory)
-        meta = self.read_checkpoint_meta(path)
-        same_layout = meta["layout"] == self._layout()
-        if load_optimizer:
-            if meta["use_distributed_optimizer"] != self.parallel.use_distributed_optimizer:
-                raise CheckpointError(
-                    f"{path}: saved with use_distributed_optimizer={meta['use_distributed_optimizer']}, "
-                    f"this run uses {self.parallel.use_distributed_optimizer}"
-                )
-            if meta["optim_sharding"] == "dp_reshardable" and (meta["layout"]["tp"], meta["layout"]["pp"]) != (
-                self.info.tp,
-                self.info.pp,
-            ):
-                raise CheckpointError(f"{path}: dp_reshardable optimizer state cannot change TP/PP {meta['layout']}")
-            _prime_optimizer_state(self.optimizer)
-            sd = self._sharded_state_dict(is_loading=True)
-            if meta["optim_sharding"] != self.ckpt_optim_sharding:
-                raise CheckpointError(f"{path}: optimizer sharding {meta['optim_sharding']} != {self.ckpt_optim_sharding}")
-        else:
-            sd = self._model_sharded_state_dict()
-        state = dist_checkpointing.load(sd, str(path))
-        mods = self.modules()
-        for i, m in enumerate(mods):
-            m.load_state_dict(state["model"] if len(mods) == 1 else state[f"model{i}"], strict=False)
-        if load_optimizer:
-            _load_optimizer_state(self.optimizer, state["optimizer"])
-            self.steps_done = int(meta["steps_done"])
-        if same_layout:
-            rng = torch.load(path / "rng_states.pt", weights_only=False)
-            self._set_rng_state(rng[dist.get_rank()])
-        dist.barrier()
-        return meta
-
-
-
-def _load_optimizer_state(opt: Any, state: Any) -> None:
-    """Load optimizer state around two megatron issues (research/megatron_cpu.md 6.4/6.5, step 6).
-
-    - DistributedOptimizer.load_state_dict with torch AdamW (no TE/Apex) gives every param the *same*
-      ``step`` tensor, which AdamW then increments once per param per step (wrong bias correction):
-      we re-create one ``step`` tensor per param from the param group's value.
-    - fully_reshardable param-state loading copies into every key of the AdamW state, including ``step``,
-      which it does not carry (KeyError): ``step`` is held aside while the param state is loaded.
-    - fp32 main params are views of the model params: the copy must run under no_grad.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    subs = getattr(opt, "chained_optimizers", None) or [opt]
-    states = state if isinstance(state, list) else [state]
-    if len(subs) != len(states):
-        raise CheckpointError(f"optimizer has {len(subs)} parts but the checkpoint holds {len(states)}")
-    for sub, st in zip(subs, states):
-        with torch.no_grad():
-            if isinstance(sub, DistributedOptimizer) and "param_state" in st:
-                param_state = st.pop("param_state")
-                kind = st.pop("param_state_sharding_type")
-                sub.load_state_dict(st)
-                _fix_adam_steps(sub)
-                held = {p: s.pop("step") for p, s in sub.optimizer.state.items() if "step" in s}
-                try:
-                    getattr(sub, f"load_parameter_state_from_{kind}")(param_state)
-                finally:
-                    for p, step in held.items():
-                        sub.optimizer.state[p]["step"] = step
-            else:
-                sub.load_state_dict(st)
-                _fix_adam_steps(sub)
-
-
-def _prime_optimizer_state(opt: Any) -> None:
-    """Give a never-stepped optimizer zero Adam state so a checkpoint can be loaded into it.
-
-    Without TE/Apex, DistributedOptimizer.state_dict() asserts one shared ``step`` across the (empty) state
-    of a fresh optimizer: resuming in a new process would fail. Values are overwritten by the load.
-    """
-    for sub in getattr(opt, "chained_optimizers", None) or [opt]:
-        inner = getattr(sub, "optimizer", None)
-        if inner is None:
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                st = inner.state[p]
-                if "step" not in st:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    st.setdefault("exp_avg", torch.zeros_like(p.data))
-                    st.setdefault("exp_avg_sq", torch.zeros_like(p.data))
-
-
-def _fix_adam_steps(sub: Any) -> None:
-    inner = getattr(sub, "optimizer", None)
-    if inner is None:
-        return
-    for g in inner.param_groups:
-        for p in g["params"]:
-            st = inner.state.get(p, {})
-            if torch.is_tensor(st.get("step")):
-                value = float(g["step"]) if "step" in g else float(st["step"])
-                st["step"] = torch.tensor(value, dtype=torch.float32)
+    def load_shards(self, directory: str | os.PathLike, load_optimizer: bool = True) -> dict[str, Any]:
+        """Load ``save_shards``'s directory (any TP/PP for fully_reshardable); returns its meta (``load_shards``)."""
+        return load_shards(self, directory, load_optimizer=load_optimizer)

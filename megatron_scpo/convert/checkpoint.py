@@ -12,7 +12,7 @@ directory holds:
   ``--hf-config`` given later (a different config would otherwise load "fine" and be silently wrong).
 
 ``mcore_to_hf`` also reads the trainer's own checkpoints (``RUN_DIR/checkpoints/<name>/``, or its ``model/``):
-their dist checkpoint also holds optimizer state (``optimizer.*`` keys; RNG and trainer state live in side files),
+their dist checkpoint also holds optimizer state (``optimizer.*`` keys; RNG and trainer state live beside ``model/``),
 which is training state and skipped; the model tensors must all be there. The config comes from the checkpoint's
 ``hf/`` (written at every save by ``trainer.checkpoint.export_hf``), else the run's ``init_model/`` or its
 config's ``model.hf_path``; ``scpo_backend_meta.json`` is checked against it.
@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
+from megatron_scpo.backend.checkpoint import CKPT_META as BACKEND_META_FILE
+from megatron_scpo.backend.parallel import barrier, dist_info
 from megatron_scpo.convert.hf_io import (
     atomic_output_dir,
     check_output_dir,
@@ -48,27 +47,13 @@ from megatron_scpo.convert.mapping import ArchInfo, ConversionError, arch_info, 
 META_FILE = "scpo_convert.json"
 HF_SUBDIR = "hf"
 FORMAT = "scpo-mcore-v1"
-# The trainer's checkpoint layout (trainer/checkpoint.py, backend/policy.py), named here so convert never imports
-# the trainer: RUN_DIR/checkpoints/<name>/{model/, hf/, trainer_state.json}, model/scpo_backend_meta.json.
+# The trainer's checkpoint layout (trainer/checkpoint.py, backend/checkpoint.py), named here so convert never imports
+# the trainer: RUN_DIR/checkpoints/<name>/{model/, hf/, rng/, trainer_state.json}, model/scpo_backend_meta.json.
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINER_MODEL_SUBDIR = "model"
-BACKEND_META_FILE = "scpo_backend_meta.json"
 # First key components of GPTModel tensors. A checkpoint key outside the model the config builds is training state
 # (optimizer.*, anything else a trainer stores) unless it starts with one of these: then the config is wrong.
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def check_layout_fits(info: ArchInfo, tp: int, pp: int) -> None:
@@ -78,7 +63,7 @@ def check_layout_fits(info: ArchInfo, tp: int, pp: int) -> None:
 
     kw = dict(num_heads=info.num_heads, num_kv_heads=info.num_kv_heads, num_layers=info.num_layers)
     check_layout(tp * pp, tp, pp, **kw)
-    check_layout(_world_size(), tp, pp, **kw)
+    check_layout(dist_info()[1], tp, pp, **kw)
 
 
 def _setup(info: ArchInfo, tp: int, pp: int) -> None:
@@ -219,8 +204,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     chunks = _build(hf_config, tp, pp)
     load_hf_into_model(chunks, hf_config, tensors)
     del tensors
-    writer = _rank() == 0
-    with atomic_output_dir(out, is_writer=writer, barrier=_barrier) as tmp:
+    writer = dist_info()[0] == 0
+    with atomic_output_dir(out, is_writer=writer, barrier=barrier) as tmp:
         save_mcore(chunks, tmp)
         if writer:
             (tmp / HF_SUBDIR).mkdir()
@@ -323,8 +308,8 @@ def mcore_to_hf(
     load_mcore(chunks, mdir, info)
     from megatron_scpo.convert.live import iter_hf_tensors
 
-    writer = _rank() == 0
-    with atomic_output_dir(out, is_writer=writer, barrier=_barrier) as tmp:
+    writer = dist_info()[0] == 0
+    with atomic_output_dir(out, is_writer=writer, barrier=barrier) as tmp:
         stream = iter_hf_tensors(chunks, hf_config)
         if writer:
             write_safetensors(stream, tmp)

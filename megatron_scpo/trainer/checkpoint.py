@@ -1,4 +1,4 @@
-"""Run-dir layout and atomic checkpoints of the trainer's own state.
+"""Run-dir layout and the one checkpoint protocol (atomic step dirs holding backend shards, trainer state, RNG).
 
 Layout of a run dir::
 
@@ -6,81 +6,54 @@ Layout of a run dir::
     RUN_DIR/metrics.jsonl          one record per step (metrics.py)
     RUN_DIR/tb/                    TensorBoard
     RUN_DIR/eval/<label>.json      evaluation results (evaluate.py), read by the report
-    RUN_DIR/checkpoints/step_000123/   complete checkpoints only:
-        model/                     backend checkpoint (model + optimizer + Megatron RNG)
+    RUN_DIR/checkpoints/step_000123/   complete checkpoints only (format ``CHECKPOINT_FORMAT``):
+        model/                     the backend's shards, written into the dir it is given (backend/checkpoint.py):
+                                   megatron dist checkpoint of model + optimizer, scpo_backend_meta.json
         hf/                        config.json, generation_config.json, tokenizer files of the run's model;
                                    with ``checkpoint.save_hf`` also model.safetensors (or shards + index):
                                    a complete HF model dir (``scpo eval --hf``, vLLM/SGLang, transformers)
-        trainer_state.json         stage, step counters, data position, method state, metrics count
-        rng_rank{r}.pt             python/numpy/torch RNG of every rank
+        rng/rank{r}.pt             every RNG stream of rank r (backend/rng.py: python, numpy, torch, cuda,
+                                   megatron's tracker, and the layout they belong to)
+        trainer_state.json         stage, step counters, data position, method state, metrics count,
+                                   ``global_step`` and ``checkpoint_format``; written last
     RUN_DIR/checkpoints/latest     name of the newest complete checkpoint (step or snapshot)
     RUN_DIR/checkpoints/<stage>/   stage-end snapshots (never pruned; comparisons start from them)
 
-A checkpoint is written into ``<name>.tmp`` and renamed after every file is fsynced, then ``latest`` is
-replaced atomically; a crash at any point leaves either the previous or the new checkpoint, never a
-half one that looks complete (``trainer_state.json`` is written last inside the temp dir). The HF copy is
-written inside that temp dir too, so it is exactly as atomic as the rest (the peers: verl's
+One protocol: a checkpoint is written into ``<name>.tmp`` (the backend's shards, the HF copy and the RNG files
+inside it), ``trainer_state.json`` last, then every file is fsynced and the dir renamed (``atomic.replace_dir``),
+then ``latest`` is replaced atomically. A crash at any point leaves either the previous or the new checkpoint,
+never a half one that looks complete. The HF copy is exactly as atomic as the rest (the peers: verl's
 ``checkpoint.save_contents: [hf_model]``, slime's ``--save-hf``, OpenRLHF's ``--save_hf_ckpt``, which write it
-beside the checkpoint). ``scpo convert mcore-to-hf --mcore RUN_DIR/checkpoints/<name>`` reads ``hf/``'s config.
+beside the checkpoint). ``scpo convert mcore-to-hf --mcore RUN_DIR/checkpoints/<name>`` reads ``model/`` and
+``hf/``'s config.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from megatron_scpo.atomic import TMP_SUFFIX, replace_dir, write_json_atomic, write_text_atomic
+from megatron_scpo.backend.checkpoint import CheckpointError
+from megatron_scpo.backend.rng import rng_state, set_rng_state
 from megatron_scpo.convert.checkpoint import HF_SUBDIR  # one name: the converter reads the config from there
+from megatron_scpo.convert.checkpoint import TRAINER_MODEL_SUBDIR as MODEL_SUBDIR
+from megatron_scpo.convert.checkpoint import TRAINER_STATE_FILE as STATE_FILE
 
-STATE_FILE = "trainer_state.json"
 STEP_RE = re.compile(r"^step_(\d{6,})$")
+RNG_SUBDIR = "rng"
+# 2: one protocol (no nested backend temp dir), one RNG file per rank in rng/ (was rng_rank{r}.pt + model/rng_states.pt)
+CHECKPOINT_FORMAT = 2
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file and directory under ``path`` (files first, then their directories)."""
-    for root, _dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(root))
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def _rng_file(directory: Path, rank: int) -> Path:
+    return directory / RNG_SUBDIR / f"rank{rank}.pt"
 
 
 def export_hf(out: Path, source_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]] | None, *,
@@ -138,10 +111,11 @@ def hf_saver(policy: Any, source_dir: Path, rank: int, weights: bool) -> Callabl
 
 
 class CheckpointManager:
-    """Saves/loads trainer checkpoints under ``RUN_DIR/checkpoints``.
+    """Saves/loads trainer checkpoints under ``RUN_DIR/checkpoints`` (the module docstring has the protocol).
 
-    ``save_model(dir)`` is a collective callback (every rank calls it with the same dir): the backend's
-    model + optimizer save. Only rank 0 touches files of its own; ``barrier`` syncs ranks around it.
+    ``save_model(dir)`` / ``load_model(dir)`` are collective callbacks (every rank calls them with the same dir),
+    e.g. ``MegatronPolicy.save_shards`` / ``load_shards``: the backend writes or reads its shards in ``dir``
+    and nothing else. Rank 0 does the directory work; ``barrier`` syncs ranks around it.
     """
 
     def __init__(self, run_dir: str | Path, keep: int = 2, rank: int = 0,
@@ -172,7 +146,7 @@ class CheckpointManager:
                 return cand
         if not self.root.is_dir():
             return None
-        cands = [p for p in self.root.iterdir() if p.is_dir() and not p.name.endswith(".tmp")
+        cands = [p for p in self.root.iterdir() if p.is_dir() and not p.name.endswith(TMP_SUFFIX)
                  and (p / STATE_FILE).is_file()]
         if not cands:
             return None
@@ -186,34 +160,29 @@ class CheckpointManager:
     # ---- save ------------------------------------------------------------------------------------
     def save(self, global_step: int, state: dict[str, Any], save_model: Callable[[Path], None],
              snapshot: str | None = None, save_hf: Callable[[Path], None] | None = None) -> Path:
-        """Write checkpoint ``step_{global_step}`` (or the named stage snapshot) atomically.
+        """Write checkpoint ``step_{global_step}`` (or the named stage snapshot) atomically; returns its path.
 
         ``save_model(dir)`` and ``save_hf(dir)`` (optional, e.g. ``hf_saver``) are collective: every rank calls
-        them with ``<tmp>/model`` and ``<tmp>/hf``; both land inside the temp dir that is renamed at the end.
+        them with ``<tmp>/model`` and ``<tmp>/hf`` (not yet existing); both land inside the temp dir renamed at
+        the end. Every rank then saves its RNG streams to ``<tmp>/rng/rank{r}.pt``.
         """
         name = snapshot or f"step_{global_step:06d}"
         final = self.root / name
-        tmp = self.root / f"{name}.tmp"
+        tmp = self.root / f"{name}{TMP_SUFFIX}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            (tmp / RNG_SUBDIR).mkdir(parents=True)
         self.barrier()
-        save_model(tmp / "model")
+        save_model(tmp / MODEL_SUBDIR)
         if save_hf is not None:
             save_hf(tmp / HF_SUBDIR)
-        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        torch.save(rng_state(), _rng_file(tmp, self.rank))
         self.barrier()
         if self.rank == 0:
-            write_json_atomic(tmp / STATE_FILE, {**state, "global_step": global_step})
-            fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            ptr_tmp = self.root / "latest.tmp"
-            ptr_tmp.write_text(name + "\n")
-            os.replace(ptr_tmp, self.root / "latest")
-            _fsync_dir(self.root)
+            write_json_atomic(tmp / STATE_FILE, {**state, "global_step": global_step,
+                                                 "checkpoint_format": CHECKPOINT_FORMAT})
+            replace_dir(tmp, final)
+            write_text_atomic(self.root / "latest", name + "\n")
             self._prune()
         self.barrier()
         return final
@@ -223,19 +192,30 @@ class CheckpointManager:
         for p in done[: max(0, len(done) - self.keep)]:
             shutil.rmtree(p, ignore_errors=True)
         for p in self.root.iterdir():  # leftovers of crashed saves
-            if p.name.endswith(".tmp") and p.is_dir():
+            if p.name.endswith(TMP_SUFFIX) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
     # ---- load ------------------------------------------------------------------------------------
     def load(self, path: Path, load_model: Callable[[Path], None] | None = None,
              restore_rng: bool = True) -> dict[str, Any]:
-        """Read trainer state (and optionally model/optimizer via ``load_model``, and RNG) from ``path``."""
-        state = json.loads((path / STATE_FILE).read_text())
+        """Read trainer state from checkpoint ``path``, load the model via ``load_model(path / "model")`` (when
+        given), then (``restore_rng``) restore this rank's RNG streams (``backend.rng.set_rng_state``: all of them
+        under the saved layout; after a reshard the host streams, of this rank's file or rank 0's). Returns the
+        trainer state with ``global_step`` (without ``checkpoint_format``).
+
+        Raises CheckpointError (one line, naming the file) for a checkpoint of another format.
+        """
+        state_file = path / STATE_FILE
+        state = json.loads(state_file.read_text())
+        found = state.pop("checkpoint_format", 1)
+        if found != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{state_file}: checkpoint_format {found} != {CHECKPOINT_FORMAT} (written by another "
+                                  "megatron_scpo version; this one cannot resume it: start a new run dir)")
         if load_model is not None:
-            load_model(path / "model")
+            load_model(path / MODEL_SUBDIR)
         if restore_rng:
-            rng_file = path / f"rng_rank{self.rank}.pt"
+            rng_file = _rng_file(path, self.rank)
             if not rng_file.is_file():
-                rng_file = path / "rng_rank0.pt"
+                rng_file = _rng_file(path, 0)
             set_rng_state(torch.load(rng_file, weights_only=False))
         return state

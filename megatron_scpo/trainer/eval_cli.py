@@ -30,7 +30,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: Path, checkpoint: str | 
     path = rt.ckpt.snapshot(checkpoint) or (rt.ckpt.root / checkpoint if checkpoint else rt.ckpt.latest())
     if path is None or not path.is_dir():
         raise ConfigError(f"{run_dir}: no checkpoint {checkpoint or 'latest'}")
-    rt.ckpt.load(path, load_model=lambda d: rt.policy.load_checkpoint(d, load_optimizer=False), restore_rng=False)
+    rt.ckpt.load(path, load_model=lambda d: rt.policy.load_shards(d, load_optimizer=False))
     rt.sync_weights()
     if out:
         rt.run_dir = Path(out)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from megatron_scpo.backend.rng import rng_state, set_rng_state
 from megatron_scpo.trainer.batching import PaddedBatch
 
 
@@ -40,22 +41,19 @@ class ReferencePolicy:
 
     @classmethod
     def from_checkpoint(cls, policy: Any, model_dir: Path) -> ReferencePolicy:
-        """Read the reference from a backend checkpoint without disturbing the live run.
+        """Read the reference from a checkpoint's backend shards (``<ckpt>/model``) without disturbing the live run.
 
         The model-only load goes through the live model (the backend's resharding load), then the live
-        weights and every RNG state come back, so an exact resume stays exact.
+        weights and every RNG stream (``backend.rng``) come back, so an exact resume stays exact.
         """
-        from megatron_scpo.trainer.checkpoint import rng_state, set_rng_state
-
         parked = [p.detach().to("cpu", copy=True) for p in _params(policy)]
-        rng, megatron_rng = rng_state(), policy._rng_state()
-        policy.load_checkpoint(model_dir, load_optimizer=False)
+        rng = rng_state()
+        policy.load_shards(model_dir, load_optimizer=False)
         ref = cls.from_live(policy)
         with torch.no_grad():
             for p, w in zip(_params(policy), parked):
                 p.copy_(w)
         set_rng_state(rng)
-        policy._set_rng_state(megatron_rng)
         return ref
 
     @torch.no_grad()

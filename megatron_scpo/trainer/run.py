@@ -232,7 +232,7 @@ class RunDriver:
         self.state.weight_version = rt.weight_version
         from megatron_scpo.trainer.checkpoint import hf_saver
 
-        rt.ckpt.save(rt.global_step, self.state.to_json(), rt.policy.save_checkpoint, snapshot=snapshot,
+        rt.ckpt.save(rt.global_step, self.state.to_json(), rt.policy.save_shards, snapshot=snapshot,
                      save_hf=hf_saver(rt.policy, rt.hf_dir, rt.rank, self.cfg.checkpoint.save_hf))
 
     def resume(self) -> bool:
@@ -240,7 +240,7 @@ class RunDriver:
         latest = rt.ckpt.latest()
         if latest is None:
             return False
-        st = rt.ckpt.load(latest, load_model=rt.policy.load_checkpoint)
+        st = rt.ckpt.load(latest, load_model=rt.policy.load_shards)
         rt.global_step = int(st.pop("global_step"))
         self.state = TrainerState.from_json(st, latest)
         rt.logger.truncate(self.state.metrics_records)
@@ -391,7 +391,7 @@ class RunDriver:
                 self._save(snapshot="rl_start")
                 at_rl_start = True
             elif snap is not None and not sequential:  # every method starts from the same weights and optimizer
-                rt.ckpt.load(snap, load_model=rt.policy.load_checkpoint, restore_rng=False)
+                rt.ckpt.load(snap, load_model=rt.policy.load_shards)  # and its RNG: every method starts alike
                 rt.sync_weights()
                 at_rl_start = True
             if sequential and self.state.carry_method_state:  # continue from the previous method's

@@ -12,14 +12,15 @@ With SGLang the same holds: rank 0 talks HTTP to the servers.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
+from megatron_scpo.backend.parallel import barrier as barrier  # re-exported: the trainer's callers import them here
+from megatron_scpo.backend.parallel import broadcast_object as broadcast_object
+from megatron_scpo.backend.parallel import dist_info as dist_info
 from megatron_scpo.backend.seam import LossFn, TrainBatch
 from megatron_scpo.config import ExperimentConfig
 from megatron_scpo.trainer.batching import PaddedBatch
@@ -32,26 +33,6 @@ if TYPE_CHECKING:  # megatron and transformers stay unimported until build_runti
     from megatron_scpo.backend.policy import MegatronPolicy
     from megatron_scpo.rollout.base import RolloutEngine
     from megatron_scpo.trainer.reference import ReferencePolicy
-
-
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` from ``src`` to every rank (identity in a single process)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def make_engine(cfg: ExperimentConfig, hf_dir: str | Path, tokenizer: Any) -> Any:

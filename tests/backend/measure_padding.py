@@ -87,7 +87,7 @@ def _worker(rank: int, world: int, config: str, checkpoints: list[str], steps: i
     rlmod.pad_batch = spy
     report = {}
     for ck in checkpoints:
-        rt.policy.load_checkpoint(Path(ck) / "model", load_optimizer=False)
+        rt.policy.load_shards(Path(ck) / "model", load_optimizer=False)
         rt.sync_weights()
         for step in range(steps):
             seen.clear()

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _scenarios(rank: int, world: int, tmp: str) -> None:
+    from megatron_scpo.backend.checkpoint import CKPT_META
     from megatron_scpo.backend.policy import BatchError
 
     batch = make_batch()
@@ -51,11 +52,11 @@ def _scenarios(rank: int, world: int, tmp: str) -> None:
         step(pol, nan_batch)
     assert all(torch.equal(a, b) for a, b in zip(before, pol.modules()[0].parameters()))
     ck = os.path.join(tmp, "ckpt")
-    pol.save_checkpoint(ck)
-    assert os.path.isdir(ck) and not [f for f in os.listdir(tmp) if ".tmp-" in f]
+    pol.save_shards(ck)
+    assert os.path.isfile(os.path.join(ck, CKPT_META)) and os.listdir(tmp) == ["ckpt"]  # no temp dirs: the trainer's
     m2 = step(pol, batch)
     m3 = step(pol, batch, "sft")
-    pol.load_checkpoint(ck)  # same layout: exact resume incl. Adam step counters
+    pol.load_shards(ck)  # same layout: exact resume incl. Adam step counters
     m2b = step(pol, batch)
     m3b = step(pol, batch, "sft")
     assert (m2b["loss"], m3b["loss"]) == (m2["loss"], m3["loss"]), (m2, m2b, m3, m3b)
@@ -67,14 +68,14 @@ def _scenarios(rank: int, world: int, tmp: str) -> None:
     m = step(pol, batch, policy_fn(agg="token-mean"))
     assert abs(m["loss"] - loss_ref) < 1e-5
     _check_grads(pol, grads_ref, "pp2", m)
-    pol.load_checkpoint(ck)  # TP=2 -> PP=2 resharding of model + optimizer
+    pol.load_shards(ck)  # TP=2 -> PP=2 resharding of model + optimizer
     m2c = step(pol, batch)
     m3c = step(pol, batch, "sft")
     assert abs(m2c["loss"] - m2["loss"]) < 1e-6 and abs(m3c["loss"] - m3["loss"]) < 1e-5, (m2, m2c, m3, m3c)
 
     # --- a fresh process-like policy (never stepped) resumes the checkpoint at TP=2 again
     pol = _policy("qwen3", tp=2, pp=1, mbs=2)
-    pol.load_checkpoint(ck)
+    pol.load_shards(ck)
     assert step(pol, batch)["loss"] == m2["loss"]
 
     # --- PP=2 with tied embeddings (Qwen2: qkv bias), SFT loss: the embedding group all-reduce

@@ -122,12 +122,12 @@ def _vpp(rank: int, tmp: str) -> dict:
     m1 = step(pol, batch)
     check_grads(pol, grads_ref, "vpp", m1)
     ck = os.path.join(tmp, "vpp")
-    pol.save_checkpoint(ck)
+    pol.save_shards(ck)
     m2 = step(pol, batch)
 
     flat = make_policy("qwen2", layers=4, mbs=1)  # PP=1 (DP=2: half the batch per rank)
     f1 = step(flat, _half(batch, rank))
-    flat.load_checkpoint(ck)  # VPP chunks -> one model, optimizer resharded to DP=2
+    flat.load_shards(ck)  # VPP chunks -> one model, optimizer resharded to DP=2
     f2 = step(flat, _half(batch, rank))
     out = {
         "vpp_lp_vs_hf": (lp - lp_ref).abs().max().item(),
@@ -174,11 +174,11 @@ def _bf16(rank: int, batch: dict, tmp: str) -> dict:
     pol = make_policy("qwen3", dtype="bfloat16", mbs=1)  # DP=2 again: one step, then the round trip
     assert step(pol, _half(batch, rank))["loss"] == m1["loss"]
     ck = os.path.join(tmp, "bf16")
-    pol.save_checkpoint(ck)
+    pol.save_shards(ck)
     saved_mains = _main_params(pol)
     m2, m3 = step(pol, _half(batch, rank)), step(pol, _half(batch, rank), "sft")
     fresh = make_policy("qwen3", dtype="bfloat16", mbs=1, load=False)
-    fresh.load_checkpoint(ck)
+    fresh.load_shards(ck)
     assert all(torch.equal(a, b) for a, b in zip(saved_mains, _main_params(fresh))), "fp32 main params"
     m2b, m3b = step(fresh, _half(batch, rank)), step(fresh, _half(batch, rank), "sft")
     assert (m2b["loss"], m3b["loss"], m2b["grad_norm"]) == (m2["loss"], m3["loss"], m2["grad_norm"]), (m2, m2b)
@@ -192,12 +192,12 @@ def _distopt_step0(rank: int, tmp: str) -> dict:
     mine = _half(batch, rank)
     pol = make_policy("llama", mbs=1)  # DP=2 DistOpt, never stepped
     ck = os.path.join(tmp, "step0")
-    pol.save_checkpoint(ck)
+    pol.save_shards(ck)
     m1, m2 = step(pol, mine), step(pol, mine)
     assert abs(m1["loss"] - loss_ref) < 1e-5, (m1, loss_ref)
 
     fresh = make_policy("llama", mbs=1, load=False)  # megatron's random init: only the load gives HF weights
-    fresh.load_checkpoint(ck)
+    fresh.load_shards(ck)
     assert fresh.steps_done == 0
     b1, b2 = step(fresh, mine), step(fresh, mine)
     assert (b1["loss"], b2["loss"]) == (m1["loss"], m2["loss"]), (m1, b1, m2, b2)

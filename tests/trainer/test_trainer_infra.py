@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_scpo.trainer.checkpoint import STATE_FILE, CheckpointManager
+from megatron_scpo.trainer.checkpoint import CHECKPOINT_FORMAT, STATE_FILE, CheckpointManager
 from megatron_scpo.trainer.config import LoggingConfig
 from megatron_scpo.trainer.evaluate_math import ae_score, aggregate, pass_at_k
 from megatron_scpo.trainer.metrics import MetricsLogger, PhaseTimer, read_metrics
@@ -76,6 +76,34 @@ def test_checkpoint_atomic_latest_keep_and_rng(tmp_path):
     assert mgr.latest().name == "stage1"
     mgr.save(7, {"stage": "rl"}, save_model)
     assert [p.name for p in mgr.complete()] == ["step_000003", "step_000007"] and mgr.latest().name == "step_000007"
+    # one RNG file per rank, the trainer state last: the on-disk layout the docs describe
+    ck = mgr.latest()
+    assert sorted(p.name for p in ck.iterdir()) == ["model", "rng", STATE_FILE]
+    assert [p.name for p in (ck / "rng").iterdir()] == ["rank0.pt"]
+    assert json.loads((ck / STATE_FILE).read_text())["checkpoint_format"] == CHECKPOINT_FORMAT
+
+
+def test_checkpoint_crash_mid_save_keeps_previous_and_old_format_is_refused(tmp_path):
+    from megatron_scpo.backend.checkpoint import CheckpointError
+
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"stage": "rl"}, lambda d: d.mkdir(parents=True))
+
+    def crash(d):
+        d.mkdir(parents=True)
+        (d / "half.distcp").write_bytes(b"x")
+        raise RuntimeError("killed mid-save")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        mgr.save(2, {"stage": "rl"}, crash)
+    assert mgr.latest().name == "step_000001" and [p.name for p in mgr.complete()] == ["step_000001"]
+    (tmp_path / "checkpoints" / "latest").unlink()  # the scan ignores the half-written temp dir too
+    assert mgr.latest().name == "step_000001" and mgr.load(mgr.latest())["global_step"] == 1
+    # a checkpoint of the previous format (no checkpoint_format, RNG in rng_rank{r}.pt) is refused in one line
+    sf = mgr.latest() / STATE_FILE
+    sf.write_text(json.dumps({k: v for k, v in json.loads(sf.read_text()).items() if k != "checkpoint_format"}))
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json: checkpoint_format 1 != 2 \("):
+        mgr.load(mgr.latest(), load_model=lambda d: pytest.fail("model loaded from an old-format checkpoint"))
 
 
 def test_pass_at_k_matches_enumeration():

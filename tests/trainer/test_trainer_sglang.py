@@ -371,7 +371,7 @@ def _kill_worker(rank: int, world: int, out_path: str, run_dir: str, url: str, s
     records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)
     method = build_method(algo_for(cfg, "grpo"))
     m = rl_step(rt, method, records, step=0, seed=5)
-    saved = rt.ckpt.save(1, {"weight_version": rt.weight_version}, rt.policy.save_checkpoint)
+    saved = rt.ckpt.save(1, {"weight_version": rt.weight_version}, rt.policy.save_shards)
 
     def kill() -> None:
         for p in server_pids:
@@ -397,7 +397,7 @@ def _kill_worker(rank: int, world: int, out_path: str, run_dir: str, url: str, s
     res["fail_s"] = time.monotonic() - t0
     latest = rt.ckpt.latest()
     res["latest"] = latest.name if latest else None
-    res["state"] = rt.ckpt.load(latest, load_model=rt.policy.load_checkpoint)  # loads: the checkpoint is intact
+    res["state"] = rt.ckpt.load(latest, load_model=rt.policy.load_shards)  # loads: the checkpoint is intact
     res["disk_dirs"] = sorted(d.name for d in (run / "sync").iterdir())
     with open(out_path, "w") as f:
         json.dump(res, f)
