@@ -122,8 +122,6 @@ def _batch_metrics(r: GroupedRollouts) -> dict[str, float]:
     L = r.response_lengths.to(torch.float64)
     c = r.correct.bool()
     return {
-        "acc/mean": float(r.correct.to(torch.float64).mean()),
-        "length/mean": float(L.mean()),
         "length/correct_mean": float(L[c].mean()) if bool(c.any()) else 0.0,
         "truncated/frac": float(r.truncated.to(torch.float64).mean()),
         "groups/count": float(n),
@@ -411,7 +409,6 @@ class ScpoMethod(MethodBase):
         metrics = {
             "steps/mean": float(num_steps.to(torch.float64).mean()),
             "steps/len_mean": float(lengths[mask].to(torch.float64).mean()) if bool(mask.any()) else 0.0,
-            "importance/mean": float(w[cm].mean()) if bool(cm.any()) else 0.0,
             "importance/low_frac": float((w[cm] < 0.5).to(torch.float64).mean()) if bool(cm.any()) else 0.0,
             "step_reward/correct_mean": float(step_r[cm].mean()) if bool(cm.any()) else 0.0,
             "step_reward/wrong_mean": float(step_r[mask & ~c[:, None]].mean()) if bool((mask & ~c[:, None]).any())

@@ -26,8 +26,6 @@ def test_trainer_rollout_metrics_are_what_the_trainer_mints():
     assert {"acc/mean", "length/mean"} <= set(STDOUT_KEYS)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="algo/registry.py still mints acc/mean, length/mean (_batch_metrics) and "
-                   "importance/mean (ScpoMethod); rl_step logs the trainer's values. Drop them there, then this mark")
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_methods_do_not_mint_trainer_metric_names(name):
     """rl_step merges the method's metrics first and the trainer's after: a shared name would be computed twice
