@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_scpo.atomic import replace_dir
 from megatron_scpo.convert.mapping import ArchInfo, ConversionError, arch_info, check_hf_names_and_shapes
 
 SAFE_SINGLE = "model.safetensors"
@@ -215,9 +216,7 @@ def atomic_output_dir(target: str | Path, *, is_writer: bool = True, barrier: An
         if barrier:
             barrier()
         if is_writer:
-            if t.exists():
-                t.rmdir()  # empty (checked above)
-            os.replace(tmp, t)
+            replace_dir(tmp, t)  # an existing t is empty (checked above)
     except BaseException:
         if is_writer:
             shutil.rmtree(tmp, ignore_errors=True)
