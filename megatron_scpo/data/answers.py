@@ -17,6 +17,10 @@ Pipeline of :func:`is_correct` (each rule is a row of tests/data/test_data_answe
 4. A gold answer may list alternatives separated by :data:`ALT_SEP` (the dataset loader joins a JSON list
    answer with it; the CHAMP converter writes "C(10, 5), or equivalently 252" as two alternatives): any
    alternative matching is correct.
+5. Without a box: wrong (``extraction="boxed"``, the default), or the last number of the answer part is the
+   answer (``extraction="last_number"``, for models that do not box: lm-eval's ``flexible-extract``, verl's
+   gsm8k ``method="flexible"``; an empty box counts as none), or (``require_boxed=False``) a free-text reading
+   (bare number/word, leading Yes/No, math-verify's extraction).
 
 Source: the normalizations follow the MATH/PRM800K grader (hendrycks/math ``is_equiv``) and math-verify's
 own LaTeX normalization (huggingface/Math-Verify ``latex2sympy2_extended`` / ``parser.py``), minus the
@@ -33,10 +37,12 @@ import re
 import threading
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 THINK_CLOSE = "</think>"
 ALT_SEP = " ||| "  # separates alternative gold answers in PromptRecord.answer
+AnswerExtraction = Literal["boxed", "last_number"]
+ANSWER_EXTRACTIONS: tuple[str, ...] = ("boxed", "last_number")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUM = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _FRAC = re.compile(r"([+-]?)\\frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}|([+-]?)(\d+)\s*/\s*(\d+)")
@@ -47,6 +53,9 @@ _BOX_JOIN = re.compile(
     r"(?:\s|[,;$]|\\[,;:!]|\\quad|\\qquad|\\text\{\s*(?:(?:and|or|,)\s*)?\}|\band\b|\bor\b|&|\\\\"
     r"|\b[A-Za-z](?:_\{?\w+\}?)?\s*=)*"  # "x = \boxed{3}, y = \boxed{4}": the next box's variable name
 )
+# A number in running text: a thousands grouping, a decimal or an integer; a minus sign only where it cannot be a
+# subtraction ("8-3" ends in 3, not -3). A trailing sentence period is not part of it ("is 11." is 11).
+_LAST_NUM = re.compile(r"(?:(?<![\w)\]}.])-)?(?<![\w.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
 _WORD = re.compile(r"[A-Za-z][A-Za-z\s'.-]*")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{")
 
@@ -95,6 +104,16 @@ def extract_final_answer(text: str) -> str | None:
             break
         chain.insert(0, b)
     return ", ".join(b[2] for b in chain)
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in ``text`` (``-3``, ``1,234``, ``2.5``; ``\\$`` and ``$`` around it ignored); None without one.
+
+    Digits inside a word or an identifier (``x2``, ``3rd``) are not numbers; ``8-3`` gives ``3``; a fraction
+    ``3/4`` gives ``4`` (use ``\\boxed{}`` for non-integer answers).
+    """
+    nums = _LAST_NUM.findall(text.replace("\\$", " ").replace("$", " "))
+    return nums[-1] if nums else None
 
 
 def _unwrap(text: str, cmd: re.Pattern[str]) -> str:
@@ -235,22 +254,36 @@ def gold_alternatives(gold: str) -> list[str]:
     return out
 
 
-def is_correct(response: str, gold: str, require_boxed: bool = True) -> bool:
+def is_correct(response: str, gold: str, require_boxed: bool = True, *,
+               extraction: AnswerExtraction = "boxed") -> bool:
     """Whether ``response`` answers ``gold``.
 
     Only the part after ``</think>`` is read. The final boxed answer (rule 1) is compared with each gold
     alternative (rule 4) by :func:`answers_equal`. ``gold`` may itself be a full solution with a ``\\boxed{}``.
-    Without a box the answer is wrong unless ``require_boxed`` is False; then a bare number or word is
-    compared as above, a leading "Yes,"/"No." answers a yes/no gold, and otherwise math-verify extracts the
-    answer from the whole answer part (its last ``$...$`` expression or number).
+    Without a box (rule 5):
+
+    - ``extraction="last_number"``: the last number of the answer part (:func:`extract_last_number`) is the
+      answer, compared by :func:`answers_equal`; no number is wrong (``require_boxed`` does not apply). An empty
+      ``\\boxed{}`` counts as no box here (small models copy the instruction's empty box).
+    - ``extraction="boxed"`` (default): wrong unless ``require_boxed`` is False; then a bare number or word is
+      compared as above, a leading "Yes,"/"No." answers a yes/no gold, and otherwise math-verify extracts the
+      answer from the whole answer part (its last ``$...$`` expression or number).
+
+    Raises:
+        ValueError: an unknown ``extraction``.
     """
+    if extraction not in ANSWER_EXTRACTIONS:
+        raise ValueError(f"answer extraction {extraction!r}; choose one of {list(ANSWER_EXTRACTIONS)}")
     golds = gold_alternatives(gold)
     if not golds:
         return False
     part = answer_part(response)
     pred = extract_final_answer(part)
-    if pred is not None:
+    if pred is not None and (pred or extraction == "boxed"):
         return any(answers_equal(pred, g) for g in golds)
+    if extraction == "last_number":  # no box, or only an empty one ("the answer is \\boxed{} 17")
+        num = extract_last_number(part)
+        return num is not None and any(answers_equal(num, g) for g in golds)
     if require_boxed:
         return False
     free = part.replace("\\$", "")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_scpo.configlib import check_min
+from megatron_scpo.data.answers import AnswerExtraction
 
 
 @dataclass
@@ -48,6 +49,10 @@ class DataConfig:
     # names above then do not apply). CHAMP is converted once: scpo data convert --format champ OUT.
     format: Literal["jsonl", "gsm8k", "math", "aime", "deepscaler"] = "jsonl"
     template: Literal["raw_think", "chat", "synthetic"] = "raw_think"
+    # How a response's final answer is found when grading (RL rewards, stage 1, eval; data/verify.py): ``boxed``
+    # (the last \boxed{}; none is wrong) or ``last_number`` (the box if there is one, else the last number of the
+    # response: for models that do not box; lm-eval flexible-extract, verl gsm8k "flexible"). docs/data.md.
+    answer_extraction: AnswerExtraction = "boxed"
     max_prompt_tokens: int = 128
     shuffle_seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -3,8 +3,8 @@
 Every place that grades a response (RL rollouts, stage-1 rejection sampling, evaluation) calls
 ``grade`` (or ``Grading.grade``, which reads the experiment config), so a response is judged the same way
 everywhere. The answer comparison itself is ``data.answers.is_correct`` (last ``\\boxed{}`` after
-``</think>``, integers fast, math-verify otherwise); this module decides *whether a response is finished
-enough to be graded at all*:
+``</think>``, integers fast, math-verify otherwise; ``data.answer_extraction: last_number`` reads the last
+number of an unboxed answer); this module decides *whether a response is finished enough to be graded at all*:
 
 - ``abort`` (the engine gave up on the request) is never correct: it is not an answer. The RL step drops
   aborted samples before rewards (trainer/rl.py); evaluation counts them wrong.
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from megatron_scpo.data.answers import ANSWER_EXTRACTIONS, AnswerExtraction
 
 TruncatedGrading = Literal["wrong", "grade"]
 TRUNCATED_GRADING: tuple[str, ...] = ("wrong", "grade")
@@ -65,7 +67,8 @@ def finished(response: str, finish_reason: str, *, prompt: str = "", think_open:
 
 
 def grade(response: str, gold: str, finish_reason: str, *, prompt: str = "", think_open: str = "<think>",
-          think_close: str = "</think>", truncated: TruncatedGrading = "wrong") -> bool:
+          think_close: str = "</think>", truncated: TruncatedGrading = "wrong",
+          extraction: AnswerExtraction = "boxed") -> bool:
     """Is ``response`` a correct answer to ``gold``?
 
     Args:
@@ -76,12 +79,17 @@ def grade(response: str, gold: str, finish_reason: str, *, prompt: str = "", thi
         think_open, think_close: the think markers (config ``algo.segmentation.think_open/think_close``).
         truncated: ``wrong`` (default): ``length`` or an unclosed think block is wrong; ``grade``: graded on
             the whole text like a finished response. ``abort`` is wrong either way.
+        extraction: ``boxed`` (default): the answer is the final ``\\boxed{}``, none is wrong; ``last_number``:
+            without a box, the last number of the answer part (config ``data.answer_extraction``; answers.py
+            rule 5).
 
     Raises:
-        ValueError: an unknown ``truncated`` mode or finish reason.
+        ValueError: an unknown ``truncated`` mode, finish reason or ``extraction``.
     """
     if truncated not in TRUNCATED_GRADING:
         raise ValueError(f"truncated grading {truncated!r}; choose one of {list(TRUNCATED_GRADING)}")
+    if extraction not in ANSWER_EXTRACTIONS:
+        raise ValueError(f"answer extraction {extraction!r}; choose one of {list(ANSWER_EXTRACTIONS)}")
     if finish_reason not in ("stop", "length", "abort"):
         raise ValueError(f"finish_reason {finish_reason!r}; expected stop, length or abort")
     if finish_reason == "abort":
@@ -91,23 +99,31 @@ def grade(response: str, gold: str, finish_reason: str, *, prompt: str = "", thi
         return False
     from megatron_scpo.data import answers  # module attribute: tests may replace answers.is_correct
 
-    return bool(answers.is_correct(response, gold))
+    if extraction == "boxed":  # the call as before the option existed (tests replace is_correct with 2-arg fakes)
+        return bool(answers.is_correct(response, gold))
+    return bool(answers.is_correct(response, gold, extraction=extraction))
 
 
 @dataclass(frozen=True)
 class Grading:
-    """``grade`` with the experiment config's settings bound (``rl.truncated_grading``, the think markers)."""
+    """``grade`` with the experiment config's settings bound (``rl.truncated_grading``, the think markers,
+    ``data.answer_extraction``)."""
 
     truncated: TruncatedGrading = "wrong"
     think_open: str = "<think>"
     think_close: str = "</think>"
+    extraction: AnswerExtraction = "boxed"
 
     @classmethod
     def from_config(cls, cfg: Any) -> Grading:
-        """From an ExperimentConfig: ``rl.truncated_grading`` and ``algo.segmentation.think_open/close``."""
+        """From an ExperimentConfig: ``rl.truncated_grading``, ``algo.segmentation.think_open/close`` and
+        ``data.answer_extraction`` (``boxed`` for a config object without a ``data`` section, e.g. a test's
+        stand-in)."""
         seg = cfg.algo.segmentation
-        return cls(truncated=cfg.rl.truncated_grading, think_open=seg.think_open, think_close=seg.think_close)
+        extraction = getattr(getattr(cfg, "data", None), "answer_extraction", "boxed")
+        return cls(truncated=cfg.rl.truncated_grading, think_open=seg.think_open, think_close=seg.think_close,
+                   extraction=extraction)
 
     def grade(self, response: str, gold: str, finish_reason: str, prompt: str = "") -> bool:
         return grade(response, gold, finish_reason, prompt=prompt, think_open=self.think_open,
-                     think_close=self.think_close, truncated=self.truncated)
+                     think_close=self.think_close, truncated=self.truncated, extraction=self.extraction)

@@ -8,7 +8,13 @@ reasons are in docs/data.md ("Answer checking").
 
 import pytest
 
-from megatron_scpo.data.answers import ALT_SEP, extract_final_answer, is_correct, normalize_answer
+from megatron_scpo.data.answers import (
+    ALT_SEP,
+    extract_final_answer,
+    extract_last_number,
+    is_correct,
+    normalize_answer,
+)
 
 TABLE = [
     # integers
@@ -124,6 +130,32 @@ NOBOX_LENIENT = [
     ("nobox", "Yes", "yes", True),
     ("nobox", "The answer is 41.", "42", False),
 ]
+# extraction="last_number" (data.answer_extraction): a non-empty box still wins; otherwise the last number of the
+# part after </think>. Hand verdict = what this rule must say (its known misses are marked).
+LAST_NUMBER = [
+    ("last_number", "So the answer is 11.", "11", True),
+    ("last_number", "8 + 3 = 11", "11", True),
+    ("last_number", "1. 4 + 9 = 13\n\nSo the answer is: 13.", "13", True),
+    ("last_number", "The answer is 11 (8 + 3).", "11", False),  # known miss: the last number is 3
+    ("last_number", "2 + 2 = 5, so the answer is 4", "4", True),
+    ("last_number", "So the answer is 7.", "5", False),
+    ("last_number", r"\boxed{12}, then 11", "11", False),  # a box wins over a later number
+    ("last_number", r"\boxed{11}, then 12", "11", True),
+    ("last_number", r"So, the answer is \boxed{} 17.", "17", True),  # an empty box is no box
+    ("last_number", r"The answer is within \boxed{}.", "0", False),  # ... and no number is wrong
+    ("last_number", "It is 1,234.", "1234", True),
+    ("last_number", "12,34", "1234", False),  # not a thousands grouping: the last number is 34
+    ("last_number", "The result is -5.", "-5", True),
+    ("last_number", "8-3", "-3", False),  # a subtraction, not a sign
+    ("last_number", "in 3rd place, x2", "2", False),  # digits inside words are not numbers
+    ("last_number", "It costs \\$18.90.", "18.9", True),
+    ("last_number", "It costs $18.90.", "18.9", True),
+    ("last_number", "2.50", "5/2", True),
+    ("last_number", "The answer is 3/4.", "3/4", False),  # known limit: fractions need a box
+    ("last_number", "7 + 5 = 12 </think> I am done.", "12", False),  # only the part after </think>
+    ("last_number", "no number at all", "0", False),
+    ("last_number", "Yes", "yes", False),  # a verbal gold needs a box
+]
 
 MV_DIFFERS: set[tuple[str, str]] = {
     # our policy: the answer is the last box after </think>; math-verify reads any final number
@@ -155,6 +187,33 @@ def test_answer_table(kind, response, gold, expected):
 @pytest.mark.parametrize("kind, response, gold, expected", NOBOX_LENIENT, ids=[_id(r) for r in NOBOX_LENIENT])
 def test_answer_table_without_box(kind, response, gold, expected):
     assert is_correct(response, gold, require_boxed=False) is expected
+
+
+@pytest.mark.parametrize("kind, response, gold, expected", LAST_NUMBER, ids=[_id(r) for r in LAST_NUMBER])
+def test_answer_table_last_number(kind, response, gold, expected):
+    assert is_correct(response, gold, extraction="last_number") is expected
+    if extract_final_answer(response) is None and "</think>" not in response:  # unboxed: the default never accepts
+        assert is_correct(response, gold) is False
+
+
+def test_last_number_extraction():
+    assert extract_last_number("8 + 3 = 11.") == "11"
+    assert extract_last_number("is -5, not 5-3") == "3"
+    assert extract_last_number("(-2)") == "-2"
+    assert extract_last_number("total 1,234.50 and 2.5.") == "2.5"
+    assert extract_last_number("no digits") is None
+    with pytest.raises(ValueError, match="answer extraction 'last'"):
+        is_correct("11", "11", extraction="last")  # type: ignore[arg-type]
+
+
+def test_last_number_scan_is_linear():
+    import time
+
+    t = time.perf_counter()
+    assert extract_last_number("1" * 200000) == "1" * 200000
+    assert extract_last_number("1," * 50000 + "x") == "1"
+    assert extract_last_number("-" * 100000 + "7") == "-7"
+    assert time.perf_counter() - t < 5.0
 
 
 def _math_verify_verdict(response: str, gold: str) -> bool:
