@@ -187,9 +187,10 @@ def _check_policy_loss(dev: str, b: int, t: int, impls: list[str]) -> list[dict[
     mask = torch.rand(b, t, generator=g) > 0.2
     eps_lo, eps_hi = torch.full((b,), 0.2), torch.full((b,), 0.28)
     tis = torch.rand(b, t, generator=g) + 0.5
+    ref = lp0 + torch.randn(b, t, generator=g) * 0.2
     out = []
     for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        for extra in ({}, {"dual_clip": 3.0, "tis_weights": tis}):
+        for extra in ({}, {"dual_clip": 3.0, "tis_weights": tis, "ref_logprobs": ref, "kl_coef": 0.1}):
             res = {}
             for impl in ["torch", *[i for i in impls if i != "torch"]]:
                 lp = lp0.clone().to(dev).requires_grad_()
@@ -202,7 +203,7 @@ def _check_policy_loss(dev: str, b: int, t: int, impls: list[str]) -> list[dict[
                 if impl == "torch":
                     continue
                 e = max(_max_err(res[impl][0], res["torch"][0], False), _max_err(res[impl][1], res["torch"][1], False))
-                out.append({"op": "policy_loss", "case": f"{agg}{' dual+TIS' if extra else ''} B={b} T={t}",
+                out.append({"op": "policy_loss", "case": f"{agg}{' dual+TIS+KL' if extra else ''} B={b} T={t}",
                             "impl": f"{impl} vs torch", "max_err": e, "bound": 1e-6, "ok": e <= 1e-6})
     return out
 
