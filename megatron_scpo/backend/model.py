@@ -35,12 +35,17 @@ VOCAB_PAD_MULTIPLE = 128
 
 
 class UnsupportedModelError(ValueError):
-    """The HF config describes an architecture (or an option of one) this builder cannot reproduce exactly."""
+    """The HF config describes an architecture (or an option of one) this builder cannot reproduce exactly, or
+    lacks a field it needs."""
 
 
 @dataclass(frozen=True)
 class HFArch:
-    """The HF config fields that matter, normalized across transformers 4.x / 5.x spellings."""
+    """The HF config fields that matter, normalized across transformers 4.x / 5.x spellings.
+
+    The one parsed form of an HF config: the model builder, the policy and the converter (``convert.mapping``:
+    tensor names, shapes and the QKV layout) all read it; ``parse_hf_config`` is its only constructor in code.
+    """
 
     model_type: str
     vocab_size: int
@@ -58,6 +63,16 @@ class HFArch:
     qk_norm: bool
     attention_dropout: float
     initializer_range: float
+
+    @property
+    def heads_per_group(self) -> int:
+        """Query heads per KV head (GQA group)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def qkv_rows(self) -> int:
+        """Rows of the fused QKV weight: ``(num_heads + 2 * num_kv_heads) * head_dim``."""
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -80,8 +95,15 @@ def _rope_theta(cfg: Any) -> float:
     return float(theta)
 
 
+REQUIRED_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
 def parse_hf_config(hf_config: Any) -> HFArch:
-    """Read an HF config object or config.json dict; unsupported architectures/options raise one clear error."""
+    """Read an HF config object or config.json dict; unsupported architectures/options raise one clear error.
+
+    Raises UnsupportedModelError naming the field: an unsupported ``model_type`` or option, or the missing ones of
+    ``REQUIRED_FIELDS`` (``convert.mapping.arch_info`` adds the config file's path).
+    """
     model_type = _get(hf_config, "model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         archs = _get(hf_config, "architectures")
@@ -89,6 +111,9 @@ def parse_hf_config(hf_config: Any) -> HFArch:
             f"unsupported architecture: model_type={model_type!r} (architectures={archs}); "
             f"supported model_type values: {list(SUPPORTED_MODEL_TYPES)}"
         )
+    missing = [k for k in REQUIRED_FIELDS if _get(hf_config, k) is None]
+    if missing:
+        raise UnsupportedModelError(f"{model_type}: missing field(s) {missing}")
     act = _get(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"{model_type}: hidden_act={act!r} is not supported (only 'silu' / SwiGLU)")

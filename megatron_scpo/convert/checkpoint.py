@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_scpo.backend.checkpoint import CKPT_META as BACKEND_META_FILE
+from megatron_scpo.backend.model import HFArch
 from megatron_scpo.backend.parallel import barrier, dist_info
 from megatron_scpo.convert.hf_io import (
     atomic_output_dir,
@@ -42,11 +43,11 @@ from megatron_scpo.convert.hf_io import (
     weight_files,
     write_safetensors,
 )
-from megatron_scpo.convert.mapping import ArchInfo, ConversionError, arch_info, check_hf_names_and_shapes
+from megatron_scpo.convert.mapping import ConversionError, arch_info, check_hf_names_and_shapes
 
 META_FILE = "scpo_convert.json"
 HF_SUBDIR = "hf"
-FORMAT = "scpo-mcore-v1"
+FORMAT = "scpo-mcore-v2"  # v2: "arch" holds backend.model.HFArch (v1: the converter's own renamed subset)
 # The trainer's checkpoint layout (trainer/checkpoint.py, backend/checkpoint.py), named here so convert never imports
 # the trainer: RUN_DIR/checkpoints/<name>/{model/, hf/, rng/, trainer_state.json}, model/scpo_backend_meta.json.
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -56,7 +57,7 @@ TRAINER_MODEL_SUBDIR = "model"
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
-def check_layout_fits(info: ArchInfo, tp: int, pp: int) -> None:
+def check_layout_fits(info: HFArch, tp: int, pp: int) -> None:
     """TP must divide the heads / KV heads, PP the layers, TP*PP the world size: checked in that order, so
     "tp does not divide heads" is reported as such even in a single process."""
     from megatron_scpo.backend.parallel import check_layout
@@ -66,7 +67,7 @@ def check_layout_fits(info: ArchInfo, tp: int, pp: int) -> None:
     check_layout(dist_info()[1], tp, pp, **kw)
 
 
-def _setup(info: ArchInfo, tp: int, pp: int) -> None:
+def _setup(info: HFArch, tp: int, pp: int) -> None:
     from megatron_scpo.backend.parallel import init_parallel
 
     check_layout_fits(info, tp, pp)
@@ -124,7 +125,7 @@ def check_mcore_dir(directory: str | Path) -> None:
         raise ConversionError(f"{d}: missing checkpoint shard file(s) {absent}")
 
 
-def _check_shapes_against_model(chunks: Sequence[Any], directory: Path, info: ArchInfo) -> None:
+def _check_shapes_against_model(chunks: Sequence[Any], directory: Path, info: HFArch) -> None:
     """Missing / mis-shaped tensors between the checkpoint and the model the config builds, named per key."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -141,15 +142,15 @@ def _check_shapes_against_model(chunks: Sequence[Any], directory: Path, info: Ar
         got = tuple(stored[sh.key].global_shape if hasattr(stored[sh.key], "global_shape") else stored[sh.key].shape)
         want = tuple(sh.global_shape)
         if sh.allow_shape_mismatch:  # vocab-padded: only the real vocab rows must be there
-            if got[1:] != want[1:] or got[0] < info.vocab:
-                problems.append(f"{sh.key}: {got} cannot hold vocab {info.vocab} x {want[1:]}")
+            if got[1:] != want[1:] or got[0] < info.vocab_size:
+                problems.append(f"{sh.key}: {got} cannot hold vocab {info.vocab_size} x {want[1:]}")
         elif got != want:
             problems.append(f"{sh.key}: stored {got} != expected {want}")
     if problems:
         raise ConversionError(f"{directory}: checkpoint does not match the config: {sorted(set(problems))[:8]}")
 
 
-def load_mcore(chunks: Sequence[Any], directory: str | Path, info: ArchInfo) -> None:
+def load_mcore(chunks: Sequence[Any], directory: str | Path, info: HFArch) -> None:
     """Load a dist checkpoint into this rank's chunks (any TP/PP); mismatches raise ConversionError."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -179,7 +180,7 @@ def load_mcore(chunks: Sequence[Any], directory: str | Path, info: ArchInfo) -> 
         unwrap(c).load_state_dict(loaded[k], strict=True)
 
 
-def _meta(info: ArchInfo, tp: int, pp: int, source: str) -> dict[str, Any]:
+def _meta(info: HFArch, tp: int, pp: int, source: str) -> dict[str, Any]:
     import megatron.core
 
     return {"format": FORMAT, "arch": dataclasses.asdict(info), "saved_tp": tp, "saved_pp": pp,
@@ -214,8 +215,9 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     return out
 
 
-def _compare_arch(stored: dict[str, Any], info: ArchInfo, source: str) -> None:
-    diffs = {k: (stored.get(k), v) for k, v in dataclasses.asdict(info).items() if stored.get(k) != v}
+def _compare_arch(stored: dict[str, Any], info: HFArch, source: str) -> None:
+    # fields a v1 checkpoint did not store (or stored under other names) are left to the tensor shape checks
+    diffs = {k: (stored[k], v) for k, v in dataclasses.asdict(info).items() if k in stored and stored[k] != v}
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
         raise ConversionError(f"{source}: config does not match the checkpoint's architecture ({detail})")
@@ -268,15 +270,15 @@ def resolve_mcore_source(path: str | Path, hf_config_dir: str | Path | None = No
     raise ConversionError(f"{p}: no {HF_SUBDIR}/config.json stored in the checkpoint; pass --hf-config DIR")
 
 
-def _check_backend_meta(weights: Path, info: ArchInfo, source: str) -> None:
+def _check_backend_meta(weights: Path, info: HFArch, source: str) -> None:
     """A trainer checkpoint's ``scpo_backend_meta.json`` (model_type, vocab, layers, hidden) vs the config."""
     p = weights / BACKEND_META_FILE
     if not p.is_file():
         return
     meta = json.loads(p.read_text())
-    fields = {"model_type": "model_type", "vocab_size": "vocab", "num_layers": "num_layers", "hidden_size": "hidden"}
-    diffs = [f"{k}: checkpoint {meta[k]!r} vs config {getattr(info, a)!r}" for k, a in fields.items()
-             if k in meta and meta[k] != getattr(info, a)]
+    fields = ("model_type", "vocab_size", "num_layers", "hidden_size")  # HFArch's names, as the backend writes them
+    diffs = [f"{k}: checkpoint {meta[k]!r} vs config {getattr(info, k)!r}" for k in fields
+             if k in meta and meta[k] != getattr(info, k)]
     if diffs:
         raise ConversionError(f"{source}: config does not match the checkpoint's architecture ({', '.join(diffs)})")
 

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_scpo.atomic import replace_dir
-from megatron_scpo.convert.mapping import ArchInfo, ConversionError, arch_info, check_hf_names_and_shapes
+from megatron_scpo.backend.model import HFArch
+from megatron_scpo.convert.mapping import ConversionError, arch_info, check_hf_names_and_shapes
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -113,7 +114,7 @@ class LazyHFTensors(Mapping[str, torch.Tensor]):
         return len(self._files)
 
 
-def read_hf_checkpoint(hf_dir: str | Path) -> tuple[Any, ArchInfo, LazyHFTensors]:
+def read_hf_checkpoint(hf_dir: str | Path) -> tuple[Any, HFArch, LazyHFTensors]:
     """Config, arch info and the (lazily read) validated state dict of an HF model directory.
 
     Names and shapes are checked against the config from the file headers; no tensor data is read here.

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_scpo.backend.model import unwrap
+from megatron_scpo.backend.model import HFArch, unwrap
+from megatron_scpo.backend.parallel import dist_info
 from megatron_scpo.convert.mapping import (
-    ArchInfo,
     ConversionError,
     McoreParam,
     NormNames,
@@ -54,7 +54,7 @@ def _tp() -> tuple[int, int, Any]:
             ps.get_tensor_model_parallel_group())
 
 
-def _local_params(chunks: Sequence[torch.nn.Module], info: ArchInfo) -> tuple[list[_LocalParam], NormNames]:
+def _local_params(chunks: Sequence[torch.nn.Module], info: HFArch) -> tuple[list[_LocalParam], NormNames]:
     """This rank's parameters, each matched to its mapping; unknown or unmatched parameters are errors."""
     out: list[_LocalParam] = []
     models = [unwrap(c) for c in chunks]
@@ -69,7 +69,7 @@ def _local_params(chunks: Sequence[torch.nn.Module], info: ArchInfo) -> tuple[li
             specs.extend(layer_params(info, i, int(layer.layer_number) - 1, norms))
         if getattr(m, "post_process", True):
             specs.append(McoreParam("decoder.final_layernorm.weight", "copy", ("model.norm.weight",), None))
-            if not info.tied:
+            if not info.tie_word_embeddings:
                 specs.append(McoreParam("output_layer.weight", "vocab", ("lm_head.weight",), 0))
             elif "output_layer.weight" in params:
                 # Tied with PP > 1: the last stage keeps its own copy of the embedding (megatron all-reduces
@@ -80,7 +80,7 @@ def _local_params(chunks: Sequence[torch.nn.Module], info: ArchInfo) -> tuple[li
             if s.name not in params:
                 raise ConversionError(f"model chunk {ci}: expected parameter {s.name!r} is absent (config mismatch?)")
             matched.add(s.name)
-            key = "tied:" + s.hf_names[0] if s.name == "output_layer.weight" and info.tied else s.hf_names[0]
+            key = "tied:" + s.hf_names[0] if s.name == "output_layer.weight" and info.tie_word_embeddings else s.hf_names[0]
             out.append(_LocalParam(s, key, params[s.name]))
         extra = sorted(set(params) - matched)
         if extra:
@@ -119,7 +119,7 @@ def load_hf_into_model(chunks: Sequence[torch.nn.Module], hf_config: Any, hf: Ma
     check_tied_lm_head(hf, info, "HF state dict")
     tp, rank, _ = _tp()
     for lp in _local_params(chunks, info)[0]:
-        padded = lp.tensor.shape[0] * tp if lp.spec.kind == "vocab" else info.vocab
+        padded = lp.tensor.shape[0] * tp if lp.spec.kind == "vocab" else info.vocab_size
         full = build_mcore_tensor(lp.spec, hf, info, padded)
         shard = _tp_slice(lp.spec, full, tp, rank)
         if tuple(shard.shape) != tuple(lp.tensor.shape):
@@ -157,7 +157,7 @@ def iter_hf_tensors(chunks: Sequence[torch.nn.Module], hf_config: Any) -> Iterat
                 owner.setdefault(k, pp_ranks[stage])
     ref = local[0].tensor
     shapes = hf_shapes(info)
-    me = dist.get_rank() if dist.is_initialized() else 0
+    me = dist_info()[0]
     for spec in mcore_params(info, norms):
         key = spec.hf_names[0]
         if pp > 1 and key not in owner:

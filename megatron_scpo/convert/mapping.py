@@ -29,75 +29,30 @@ from typing import Any, Literal
 
 import torch
 
-NormNames = Literal["local", "te"]
+from megatron_scpo.backend.model import HFArch, UnsupportedModelError, parse_hf_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+NormNames = Literal["local", "te"]
 
 
 class ConversionError(ValueError):
     """A checkpoint or config cannot be converted; the message names the file / tensor / field at fault."""
 
 
-@dataclass(frozen=True)
-class ArchInfo:
-    """The HF config fields that decide tensor names and shapes (validated, plain ints/bools)."""
-
-    model_type: str
-    num_layers: int
-    hidden: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool
-    qk_norm: bool
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    @property
-    def qkv_rows(self) -> int:
-        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-
-
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    return cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
-
-
-def arch_info(hf_config: Any, source: str = "config.json") -> ArchInfo:
-    """Validate an HF config (PretrainedConfig or its dict) and extract what the mapping needs.
-
-    The support check is the model builder's (``backend.model.parse_hf_config``: one definition of what we
-    can reproduce exactly); its errors are re-raised as ConversionError naming ``source``, before any
-    expensive work.
-    """
-    from megatron_scpo.backend.model import UnsupportedModelError, parse_hf_config
-
-    if _get(hf_config, "model_type") in SUPPORTED_MODEL_TYPES:
-        required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
-        missing = [k for k in required if _get(hf_config, k) is None]
-        if missing:
-            raise ConversionError(f"{source}: missing field(s) {missing}")
+def arch_info(hf_config: Any, source: str = "config.json") -> HFArch:
+    """``backend.model.parse_hf_config`` (the one parser: one definition of what we can reproduce exactly) with its
+    errors as ConversionError naming ``source``, raised before any expensive work."""
     try:
-        a = parse_hf_config(hf_config)
+        return parse_hf_config(hf_config)
     except UnsupportedModelError as e:
         raise ConversionError(f"{source}: {e}") from e
-    return ArchInfo(
-        model_type=a.model_type, num_layers=a.num_layers, hidden=a.hidden_size, num_heads=a.num_heads,
-        num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, ffn=a.intermediate_size, vocab=a.vocab_size,
-        tied=a.tie_word_embeddings, qkv_bias=a.qkv_bias, qk_norm=a.qk_norm,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- names, shapes
 
-def hf_layer_shapes(info: ArchInfo, layer: int) -> dict[str, tuple[int, ...]]:
+def hf_layer_shapes(info: HFArch, layer: int) -> dict[str, tuple[int, ...]]:
     """HF tensor names and shapes of one decoder layer."""
     p = f"model.layers.{layer}."
-    h, hd = info.hidden, info.head_dim
+    h, hd = info.hidden_size, info.head_dim
     out: dict[str, tuple[int, ...]] = {
         p + "input_layernorm.weight": (h,),
         p + "self_attn.q_proj.weight": (info.num_heads * hd, h),
@@ -113,25 +68,25 @@ def hf_layer_shapes(info: ArchInfo, layer: int) -> dict[str, tuple[int, ...]]:
         out[p + "self_attn.k_norm.weight"] = (hd,)
     out[p + "self_attn.o_proj.weight"] = (h, info.num_heads * hd)
     out[p + "post_attention_layernorm.weight"] = (h,)
-    out[p + "mlp.gate_proj.weight"] = (info.ffn, h)
-    out[p + "mlp.up_proj.weight"] = (info.ffn, h)
-    out[p + "mlp.down_proj.weight"] = (h, info.ffn)
+    out[p + "mlp.gate_proj.weight"] = (info.intermediate_size, h)
+    out[p + "mlp.up_proj.weight"] = (info.intermediate_size, h)
+    out[p + "mlp.down_proj.weight"] = (h, info.intermediate_size)
     return out
 
 
-def hf_shapes(info: ArchInfo) -> dict[str, tuple[int, ...]]:
+def hf_shapes(info: HFArch) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name -> shape, in the canonical order (embedding, layers, final norm, lm_head)."""
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (info.vocab, info.hidden)}
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (info.vocab_size, info.hidden_size)}
     for i in range(info.num_layers):
         out.update(hf_layer_shapes(info, i))
-    out["model.norm.weight"] = (info.hidden,)
-    if not info.tied:
-        out["lm_head.weight"] = (info.vocab, info.hidden)
+    out["model.norm.weight"] = (info.hidden_size,)
+    if not info.tie_word_embeddings:
+        out["lm_head.weight"] = (info.vocab_size, info.hidden_size)
     return out
 
 
 def check_hf_names_and_shapes(
-    shapes: Mapping[str, tuple[int, ...]], info: ArchInfo, source: str
+    shapes: Mapping[str, tuple[int, ...]], info: HFArch, source: str
 ) -> None:
     """Config/weights mismatch -> one ConversionError listing missing, unexpected and mis-shaped tensors.
 
@@ -140,7 +95,7 @@ def check_hf_names_and_shapes(
     """
     expected = hf_shapes(info)
     got = dict(shapes)
-    if info.tied:
+    if info.tie_word_embeddings:
         got.pop("lm_head.weight", None)
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected and not _ignorable(k)]
@@ -180,7 +135,7 @@ def detect_norm_names(param_names: list[str]) -> NormNames:
 
 # ------------------------------------------------------------------------------------------ layout transforms
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: ArchInfo) -> torch.Tensor:
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: HFArch) -> torch.Tensor:
     """HF q/k/v (weights [rows, hidden] or biases [rows]) -> Megatron's per-query-group fused QKV."""
     ng, hd = info.num_kv_heads, info.head_dim
     tail = q.shape[1:]
@@ -190,7 +145,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: ArchInfo) 
     return torch.cat([qg, kg, vg], dim=1).reshape(info.qkv_rows, *tail)
 
 
-def split_qkv(qkv: torch.Tensor, info: ArchInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(qkv: torch.Tensor, info: HFArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of ``fuse_qkv``; also valid on a TP shard when ``info`` has that shard's head counts."""
     ng, hd = info.num_kv_heads, info.head_dim
     tail = qkv.shape[1:]
@@ -225,18 +180,18 @@ class McoreParam:
     tp_dim: int | None
 
 
-def mcore_params(info: ArchInfo, norms: NormNames = "local") -> list[McoreParam]:
+def mcore_params(info: HFArch, norms: NormNames = "local") -> list[McoreParam]:
     """Every Megatron parameter of the full model (global layer index), in HF order."""
     out = [McoreParam("embedding.word_embeddings.weight", "vocab", ("model.embed_tokens.weight",), 0)]
     for i in range(info.num_layers):
         out.extend(layer_params(info, i, i, norms))
     out.append(McoreParam("decoder.final_layernorm.weight", "copy", ("model.norm.weight",), None))
-    if not info.tied:
+    if not info.tie_word_embeddings:
         out.append(McoreParam("output_layer.weight", "vocab", ("lm_head.weight",), 0))
     return out
 
 
-def layer_params(info: ArchInfo, local: int, global_: int, norms: NormNames = "local") -> list[McoreParam]:
+def layer_params(info: HFArch, local: int, global_: int, norms: NormNames = "local") -> list[McoreParam]:
     """Megatron params of decoder layer ``local`` (index inside a chunk) that holds global layer ``global_``."""
     m, h = f"decoder.layers.{local}.", f"model.layers.{global_}."
     ln1, ln2 = norm_names(norms)
@@ -261,7 +216,7 @@ def layer_params(info: ArchInfo, local: int, global_: int, norms: NormNames = "l
     return out
 
 
-def build_mcore_tensor(p: McoreParam, hf: Mapping[str, torch.Tensor], info: ArchInfo, padded_vocab: int) -> torch.Tensor:
+def build_mcore_tensor(p: McoreParam, hf: Mapping[str, torch.Tensor], info: HFArch, padded_vocab: int) -> torch.Tensor:
     """The full (TP=1 layout) Megatron tensor for ``p`` from HF tensors."""
     srcs = [hf[n] for n in p.hf_names]
     if p.kind == "qkv":
@@ -273,7 +228,7 @@ def build_mcore_tensor(p: McoreParam, hf: Mapping[str, torch.Tensor], info: Arch
     return srcs[0]
 
 
-def split_mcore_tensor(p: McoreParam, t: torch.Tensor, info: ArchInfo) -> list[tuple[str, torch.Tensor]]:
+def split_mcore_tensor(p: McoreParam, t: torch.Tensor, info: HFArch) -> list[tuple[str, torch.Tensor]]:
     """Inverse of ``build_mcore_tensor``: a full Megatron tensor -> its HF tensors (padding stripped)."""
     if p.kind == "qkv":
         return list(zip(p.hf_names, split_qkv(t, info)))
@@ -281,7 +236,7 @@ def split_mcore_tensor(p: McoreParam, t: torch.Tensor, info: ArchInfo) -> list[t
         gate, up = torch.chunk(t, 2, dim=0)
         return [(p.hf_names[0], gate.contiguous()), (p.hf_names[1], up.contiguous())]
     if p.kind == "vocab":
-        return [(p.hf_names[0], t[: info.vocab].contiguous())]
+        return [(p.hf_names[0], t[: info.vocab_size].contiguous())]
     return [(p.hf_names[0], t)]
 
 
@@ -291,7 +246,7 @@ def shapes_of(hf: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return dict(shapes) if shapes is not None else {k: tuple(v.shape) for k, v in hf.items()}
 
 
-def hf_to_mcore(hf: Mapping[str, torch.Tensor], info: ArchInfo, padded_vocab: int,
+def hf_to_mcore(hf: Mapping[str, torch.Tensor], info: HFArch, padded_vocab: int,
                 norms: NormNames = "local") -> dict[str, torch.Tensor]:
     """Full HF state dict -> full Megatron state dict (TP=1 layout, global layer numbers)."""
     check_hf_names_and_shapes(shapes_of(hf), info, "HF state dict")
@@ -299,7 +254,7 @@ def hf_to_mcore(hf: Mapping[str, torch.Tensor], info: ArchInfo, padded_vocab: in
     return {p.name: build_mcore_tensor(p, hf, info, padded_vocab) for p in mcore_params(info, norms)}
 
 
-def mcore_to_hf(mc: Mapping[str, torch.Tensor], info: ArchInfo, norms: NormNames | None = None) -> dict[str, torch.Tensor]:
+def mcore_to_hf(mc: Mapping[str, torch.Tensor], info: HFArch, norms: NormNames | None = None) -> dict[str, torch.Tensor]:
     """Full Megatron state dict (TP=1 layout) -> HF state dict; ``norms`` is detected when None."""
     norms = norms or detect_norm_names(list(mc))
     params = mcore_params(info, norms)
@@ -312,9 +267,9 @@ def mcore_to_hf(mc: Mapping[str, torch.Tensor], info: ArchInfo, norms: NormNames
     return out
 
 
-def check_tied_lm_head(hf: Mapping[str, torch.Tensor], info: ArchInfo, source: str) -> None:
+def check_tied_lm_head(hf: Mapping[str, torch.Tensor], info: HFArch, source: str) -> None:
     """A tied model whose checkpoint carries a *different* lm_head would be silently mis-converted."""
-    if info.tied and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):
+    if info.tie_word_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):
         raise ConversionError(
             f"{source}: tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; "
             "fix the config (set tie_word_embeddings=false) or the checkpoint"

@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from megatron_scpo.backend.model import HFArch, parse_hf_config
 from megatron_scpo.convert import hf_io
 from megatron_scpo.convert.live import _tp_slice
 from megatron_scpo.convert.mapping import (
-    ArchInfo,
     ConversionError,
     McoreParam,
     arch_info,
@@ -27,8 +27,10 @@ from megatron_scpo.convert.mapping import (
 )
 
 
-def _info(ng: int, hpg: int, hd: int, hidden: int = 3) -> ArchInfo:
-    return ArchInfo("llama", 1, hidden, ng * hpg, ng, hd, 4, 10, False, False, False)
+def _info(ng: int, hpg: int, hd: int, hidden: int = 3) -> HFArch:
+    return parse_hf_config({"model_type": "llama", "num_hidden_layers": 1, "hidden_size": hidden,
+                            "num_attention_heads": ng * hpg, "num_key_value_heads": ng, "head_dim": hd,
+                            "intermediate_size": 4, "vocab_size": 10})
 
 
 def test_fuse_qkv_hand_computed_gqa():
@@ -102,8 +104,12 @@ def test_config_errors_name_the_problem():
         arch_info({**cfg, "model_type": "gpt2"}, "x/config.json")
     with pytest.raises(ConversionError, match="x/config.json.*hidden_act"):
         arch_info({**cfg, "hidden_act": "gelu"}, "x/config.json")
-    with pytest.raises(ConversionError, match="missing field.*num_hidden_layers"):
+    with pytest.raises(ConversionError, match=r"x/config.json: llama: missing field\(s\) \['num_hidden_layers'\]"):
         arch_info({k: v for k, v in cfg.items() if k != "num_hidden_layers"}, "x/config.json")
+    # one parsed form: the converter's view is the model builder's HFArch (HF field names)
+    a = arch_info(cfg)
+    assert a == parse_hf_config(tiny_config("llama")) and (a.hidden_size, a.vocab_size) == (cfg["hidden_size"], VOCAB)
+    assert a.qkv_rows == (a.num_heads + 2 * a.num_kv_heads) * a.head_dim and a.heads_per_group * a.num_kv_heads == a.num_heads
 
 
 def test_weights_config_mismatch_lists_missing_unexpected_and_shapes():
@@ -131,7 +137,7 @@ def test_tied_checkpoint_with_a_different_lm_head_is_refused():
     hf["lm_head.weight"][0, 0] += 1
     with pytest.raises(ConversionError, match="tie_word_embeddings=true but lm_head.weight differs"):
         hf_to_mcore(hf, arch_info(model.config), 384)
-    untied = replace(arch_info(model.config), tied=False)
+    untied = replace(arch_info(model.config), tie_word_embeddings=False)
     hf.pop("lm_head.weight")
     with pytest.raises(ConversionError, match=r"missing tensors \['lm_head.weight'\]"):
         hf_to_mcore(hf, untied, 384)
@@ -187,3 +193,22 @@ def test_top_level_cli_dispatch_reports_bad_input(tmp_path: Path, capsys):
     assert main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope/config.json: not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_converted_checkpoint_meta_is_hfarch_and_v1_still_compares():
+    """scpo_convert.json's "arch" is HFArch (v2); a v1 meta (the converter's old renamed subset) is compared on the
+    fields it shares, the renamed ones being left to the tensor shape checks."""
+    from dataclasses import asdict
+
+    from megatron_scpo.convert.checkpoint import _compare_arch
+
+    info = arch_info(tiny_config("qwen3").to_dict())
+    _compare_arch(asdict(info), info, "m")
+    v1 = {"model_type": "qwen3", "num_layers": info.num_layers, "hidden": 1, "num_heads": info.num_heads,
+          "num_kv_heads": info.num_kv_heads, "head_dim": info.head_dim, "ffn": 1, "vocab": 1, "tied": True,
+          "qkv_bias": False, "qk_norm": True}
+    _compare_arch(v1, info, "m")
+    with pytest.raises(ConversionError, match=r"m: config does not match .*head_dim: checkpoint 7 vs config 32"):
+        _compare_arch({**v1, "head_dim": 7}, info, "m")
+    with pytest.raises(ConversionError, match=r"rope_theta: checkpoint 1\.0"):
+        _compare_arch({**asdict(info), "rope_theta": 1.0}, info, "m")
