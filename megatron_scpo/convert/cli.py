@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch.distributed as dist
-
+from megatron_scpo.backend.parallel import dist_info
 from megatron_scpo.configlib import ConfigError
 
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ConfigError) as e:  # ConversionError, ParallelLayoutError, UnsupportedModelError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if dist_info()[0] == 0:
         print(f"wrote {out}")
     return 0
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from megatron_scpo.atomic import write_text_atomic
 from megatron_scpo.data.answers import extract_boxed
 
 ROW_FORMATS = ("jsonl", "gsm8k", "math", "aime", "deepscaler")
@@ -306,11 +307,7 @@ def convert_file(fmt: str, src: str | Path | None, dst: str | Path) -> int:
             seen[str(r["id"])] = i
     out = Path(dst)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)
 
 

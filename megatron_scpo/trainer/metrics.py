@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from megatron_scpo.atomic import write_text_atomic
 from megatron_scpo.trainer.config import LoggingConfig
 
 T = TypeVar("T")
@@ -133,9 +134,7 @@ class MetricsLogger:
         if self.rank != 0 or not self.path.exists():
             return
         lines = [line for line in self.path.read_text().splitlines() if line.strip()][:n_records]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
 
     def log(self, stage: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         rec = clean(metrics)
