@@ -80,12 +80,12 @@ def test_other_subcommands(tmp_path: Path, capsys):
 
 
 def test_eval_hf_uses_the_configured_engine_and_the_one_encoding(tmp_path: Path, monkeypatch, capsys):
-    """`scpo eval --hf` builds its engine with runtime.make_engine (honouring rollout.engine, as training does) and
+    """`scpo eval --hf` builds its engine with rollout.build_engine (honouring rollout.engine, as training does) and
     sends it the ids of templates.encode_prompt: with the task tokenizer, one BOS then the synthetic prompt."""
+    from megatron_scpo import rollout
     from megatron_scpo.data import templates
     from megatron_scpo.data.tokenizer import build_tokenizer
     from megatron_scpo.rollout.base import Sample
-    from megatron_scpo.trainer import runtime
 
     model = tmp_path / "model"
     tok = build_tokenizer(model)
@@ -103,11 +103,11 @@ def test_eval_hf_uses_the_configured_engine_and_the_one_encoding(tmp_path: Path,
         def shutdown(self):
             seen["shutdown"] = True
 
-    def make_engine(c, hf_dir, tokenizer):
-        seen["engine"], seen["dir"] = c.rollout.engine, Path(hf_dir)
+    def build_engine(c, hf_dir, tokenizer):
+        seen["engine"], seen["dir"] = c.engine, Path(hf_dir)
         return Engine()
 
-    monkeypatch.setattr(runtime, "make_engine", make_engine)
+    monkeypatch.setattr(rollout, "build_engine", build_engine)
     monkeypatch.chdir(tmp_path)
     assert main(["eval", str(cfg), "--hf", str(model), "--label", "x"]) == 0, capsys.readouterr().err
     assert seen["engine"] == "sglang" and seen["dir"] == model and seen["shutdown"]

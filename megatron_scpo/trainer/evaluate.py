@@ -109,13 +109,13 @@ def load_eval(run_dir: str | Path, label: str) -> dict[str, Any] | None:
 
 
 def eval_hf(cfg: Any, hf_dir: str | Path, records: Sequence[Any], label: str | None, out: str | None) -> dict:
-    """`scpo eval --hf DIR`: the engine ``rollout.engine`` selects (``runtime.make_engine``, as in training) serves
+    """`scpo eval --hf DIR`: the engine ``rollout.engine`` selects (``rollout.build_engine``, as in training) serves
     ``DIR``; prompts go through the one encoding. Writes ``<out>/eval/<label>.json`` and returns the result.
 
     Raises ValueError (one line, naming the dir) for a missing config or tokenizer, PromptTooLongError before
     any engine starts."""
     from megatron_scpo.data.tokenizer import load_tokenizer
-    from megatron_scpo.trainer.runtime import make_engine
+    from megatron_scpo.rollout import build_engine
 
     if not (Path(hf_dir) / "config.json").is_file():
         raise ValueError(f"--hf: {Path(hf_dir) / 'config.json'} not found (give an HF model dir)")
@@ -124,7 +124,7 @@ def eval_hf(cfg: Any, hf_dir: str | Path, records: Sequence[Any], label: str | N
     except (OSError, ValueError) as e:
         raise ValueError(f"--hf: cannot load a tokenizer from {hf_dir}: {e}") from None
     encoded = encode_eval_prompts(tok, cfg, records)  # an overlong prompt fails before an engine starts
-    engine = make_engine(cfg, Path(hf_dir), tok)
+    engine = build_engine(cfg.rollout, Path(hf_dir), tok)
     try:
         result = run_eval(engine, tok, cfg, records, encoded)
     finally:

@@ -241,11 +241,9 @@ def collect_rollouts(rt: Runtime, method: Method, records: Sequence[Any], seed: 
 
 def sampling_params(rt: Runtime, temperature: float, seed: int) -> SamplingParams:
     """Rollout sampling settings; EOS always stops. The seed is a function of the step (exact resume)."""
-    from megatron_scpo.rollout.base import SamplingParams
+    from megatron_scpo.rollout import sampling_params as rollout_sampling_params
 
-    ro = rt.cfg.rollout
-    return SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=temperature, top_p=ro.top_p, top_k=ro.top_k,
-                          stop=list(ro.stop), stop_token_ids=sorted({rt.eos_id, *ro.stop_token_ids}), seed=seed)
+    return rollout_sampling_params(rt.cfg.rollout, temperature=temperature, seed=seed, eos_id=rt.eos_id)
 
 
 def rollout_stats(r: Rollouts, rollout_seconds: float) -> dict[str, float]:

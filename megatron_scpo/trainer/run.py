@@ -32,7 +32,7 @@ from megatron_scpo import configlib
 from megatron_scpo.config import ConfigError, ExperimentConfig, load_config
 from megatron_scpo.trainer.evaluate import evaluate, load_eval
 from megatron_scpo.trainer.preempt import PREEMPTED_EXIT_CODE, Preempted, StopRequest
-from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info, make_engine
+from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -140,6 +140,7 @@ def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
     from megatron_scpo.backend.policy import MegatronPolicy
     from megatron_scpo.convert.hf_io import read_hf_checkpoint
     from megatron_scpo.data.tokenizer import load_tokenizer
+    from megatron_scpo.rollout import build_engine
     from megatron_scpo.trainer.checkpoint import CheckpointManager
     from megatron_scpo.trainer.metrics import MetricsLogger
 
@@ -157,7 +158,7 @@ def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
     policy.load_hf_weights(hf_tensors)  # also refreshes the optimizer's main params
     del hf_tensors
     tokenizer = load_tokenizer(hf_dir)
-    engine = make_engine(cfg, hf_dir, tokenizer) if rank == 0 else None
+    engine = build_engine(cfg.rollout, hf_dir, tokenizer) if rank == 0 else None
     logger = MetricsLogger(run_dir, cfg.logging, rank=rank, config_dict=configlib.to_dict(cfg))
     ckpt = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, rank=rank, barrier=barrier)
     if rank == 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,13 +33,6 @@ if TYPE_CHECKING:  # megatron and transformers stay unimported until build_runti
     from megatron_scpo.backend.policy import MegatronPolicy
     from megatron_scpo.rollout.base import RolloutEngine
     from megatron_scpo.trainer.reference import ReferencePolicy
-
-
-def make_engine(cfg: ExperimentConfig, hf_dir: str | Path, tokenizer: Any) -> Any:
-    """``rollout.build_engine`` of the run's rollout section (``scpo train`` and ``scpo eval``)."""
-    from megatron_scpo.rollout import build_engine
-
-    return build_engine(cfg.rollout, hf_dir, tokenizer)
 
 
 @dataclass

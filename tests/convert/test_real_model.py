@@ -176,7 +176,7 @@ def test_gguf_to_hf_on_an_hf_dir_and_bad_sources(smollm2_hf_dir: Path, tmp_path:
 
 
 def test_scpo_eval_hf_on_the_real_model(reference: dict, smollm2_hf_dir: Path, tmp_path: Path, capsys):
-    """`scpo eval --hf` with the real chat model: LocalEngine from runtime.make_engine, chat prompts from the one
+    """`scpo eval --hf` with the real chat model: LocalEngine from rollout.build_engine, chat prompts from the one
     encoding; greedy answers equal the reference decode (same ids in, same tokens out)."""
     from megatron_scpo.cli import main
 
