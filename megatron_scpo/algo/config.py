@@ -6,6 +6,7 @@ Every SCPO knob is part of our *reconstruction* of SmartThinker-v1 (the method s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -94,10 +95,10 @@ class LossConfig:
     norm_length: int | None = None
 
     def validate(self) -> None:
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
+        if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {self.kl_coef}")
+        if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap > 0):
+            raise ValueError(f"tis_cap must be a finite number > 0 or null, got {self.tis_cap}")
         if self.norm_length is not None and self.norm_length <= 0:
             raise ValueError(f"norm_length must be > 0, got {self.norm_length}")
 

@@ -327,13 +327,13 @@ class MegatronPolicy:
         return self._broadcast_from_last_stage(result)[:b]
 
     # ------------------------------------------------------------------ training
-    def _validate_train_batch(self, batch: TrainBatch, loss_fn: LossFn) -> None:
+    def _validate_train_batch(self, batch: TrainBatch, loss_fn: LossFn, mbs: int) -> None:
         if not isinstance(batch, TrainBatch):
             raise BatchError(f"train_step takes a backend.seam.TrainBatch, got {type(batch).__name__}")
         self._check_seq(batch.input_ids, batch.attention_mask)
         batch.validate(tuple(loss_fn.requires))
-        if not self.packed and self.max_tokens is None and batch.size % self.micro_batch_size != 0:
-            raise BatchError(f"batch size {batch.size} is not a multiple of micro_batch_size={self.micro_batch_size}")
+        if not self.packed and self.max_tokens is None and batch.size % mbs != 0:
+            raise BatchError(f"batch size {batch.size} is not a multiple of micro_batch_size={mbs}")
 
     def _loss_func(
         self,
@@ -381,7 +381,7 @@ class MegatronPolicy:
         tok = max(out["tokens"], 1.0)
         return {"loss": out["loss"], "num_tokens": out["tokens"], **{n: out[n] / tok for n in stat_names}}
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int | None = None) -> dict[str, float]:
         """One optimizer step of ``loss_fn`` over this DP rank's ``batch`` (micro-batched); metrics over the global batch.
 
         The loss is the aggregate over the global batch (module docstring). Returns: ``loss`` (the global-batch
@@ -390,13 +390,16 @@ class MegatronPolicy:
         A non-finite loss (including NaN/inf logits, scpo_kernels.NonFiniteError) or gradient norm skips the
         optimizer step (``skipped`` = 1.0, ``grad_norm`` reported as computed; ``nonfinite_loss`` /
         ``nonfinite_grad_norm`` = 1.0 say which) and leaves the weights and the Adam state unchanged.
-        Raises BatchError (before any compute) for a malformed batch or a field the loss reads but is missing.
+        ``micro_batch_size``: rows per micro-batch (the constructor's when None; packed: at most that many rows,
+        token-balanced; a token budget replaces it). Raises BatchError (before any compute) for a malformed
+        batch or a field the loss reads but is missing.
         """
-        self._validate_train_batch(batch, loss_fn)
+        mbs = micro_batch_size or self.micro_batch_size
+        self._validate_train_batch(batch, loss_fn, mbs)
         units = loss_fn.units(batch.loss_mask.bool()).reshape(1)
         if self.info.dp > 1:
             dist.all_reduce(units, group=self._ps.get_data_parallel_group())
-        plan = self._plan(batch.attention_mask, self.micro_batch_size)
+        plan = self._plan(batch.attention_mask, mbs)
         mbs_list = self._packed_micro_batches(batch.input_ids, batch.attention_mask, plan, batch)
         loss_func = partial(self._loss_func, loss_fn, float(units), len(mbs_list))
 

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron_scpo.backend.parallel import broadcast_object
 from megatron_scpo.trainer.metrics import ACC_MEAN, LENGTH_MEAN, ROLLOUT_TOKENS_PER_S
-from megatron_scpo.trainer.runtime import Runtime, broadcast_object
+from megatron_scpo.trainer.runtime import Runtime
 
 if TYPE_CHECKING:
     from megatron_scpo.algo.registry import Method

@@ -29,10 +29,11 @@ from typing import Any
 import yaml
 
 from megatron_scpo import configlib
+from megatron_scpo.backend.parallel import barrier, broadcast_object, dist_info
 from megatron_scpo.config import ConfigError, ExperimentConfig, load_config
 from megatron_scpo.trainer.evaluate import evaluate, load_eval
 from megatron_scpo.trainer.preempt import PREEMPTED_EXIT_CODE, Preempted, StopRequest
-from megatron_scpo.trainer.runtime import Runtime, barrier, broadcast_object, dist_info
+from megatron_scpo.trainer.runtime import Runtime
 
 
 # ------------------------------------------------------------------------------------------- preflight

@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_scpo.backend.parallel import barrier as barrier  # re-exported: the trainer's callers import them here
-from megatron_scpo.backend.parallel import broadcast_object as broadcast_object
-from megatron_scpo.backend.parallel import dist_info as dist_info
+from megatron_scpo.backend.parallel import broadcast_object
 from megatron_scpo.backend.seam import LossFn, TrainBatch
 from megatron_scpo.config import ExperimentConfig
 from megatron_scpo.trainer.batching import PaddedBatch
@@ -98,10 +96,9 @@ class Runtime:
             mbs = min(b, micro_batch_size)
         else:
             mbs = max(d for d in range(1, min(b, micro_batch_size) + 1) if b % d == 0)
-        self.policy.micro_batch_size = mbs
         # NaN/inf logits (scpo_kernels.NonFiniteError) become a NaN loss inside the backend, which then skips
         # the step on every rank with nonfinite_loss=1; a NaN/inf gradient norm gives nonfinite_grad_norm=1.
-        return self.policy.train_step(batch, loss_fn)
+        return self.policy.train_step(batch, loss_fn, micro_batch_size=mbs)
 
     def sync_weights(self, check: bool | None = None, version: int | None = None) -> dict[str, float]:
         """Trainer shards -> HF-named tensors -> rank 0's engine; then the post-sync log-prob check.

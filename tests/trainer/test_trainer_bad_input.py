@@ -68,7 +68,10 @@ def test_overlong_prompt(tmp_path, capsys):
 
 def test_unsupported_combinations(tmp_path, capsys):
     err = _run(tmp_path, BASE + "algo: {loss: {kl_coef: -0.001}}\n", capsys)
-    assert "kl_coef must be >= 0" in err
+    assert "kl_coef must be a finite number >= 0" in err
+    for key in ("kl_coef", "tis_cap"):  # NaN passes a plain `< 0` test: the loader must still refuse it
+        err = _run(tmp_path, BASE + f"algo: {{loss: {{{key}: .nan}}}}\n", capsys)
+        assert f"{key} must be a finite number" in err and "nan" in err
     err = _run(tmp_path, BASE + "eval: {enabled: true, n_samples: 2, pass_k: [1, 4]}\n", capsys)
     assert "pass_k values [4]" in err
 

@@ -82,6 +82,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
 
     import megatron_scpo.data.answers as answers
     from megatron_scpo.algo.registry import build_method
+    from megatron_scpo.backend.parallel import barrier, broadcast_object
     from megatron_scpo.convert.live import iter_hf_tensors
     from megatron_scpo.data.datasets import PromptIterator, load_split
     from megatron_scpo.data.tokenizer import load_tokenizer
@@ -89,7 +90,6 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     from megatron_scpo.rollout.sglang import bucket_named_tensors
     from megatron_scpo.trainer.rl import rl_step
     from megatron_scpo.trainer.run import _model_source, _write_tiny_model, algo_for, build_runtime, quiet_warnings
-    from megatron_scpo.trainer.runtime import barrier, broadcast_object
 
     quiet_warnings()
     answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups, deterministic
