@@ -75,10 +75,10 @@ class ExperimentConfig:
                 f"algo.overlong.max_length ({ol.max_length}) must equal rollout.max_new_tokens ({limit}); "
                 "leave it null to derive it"
             )
-        if ol.enabled and not ol.cache_length < limit:
-            raise ValueError(
-                f"algo.overlong.cache_length ({ol.cache_length}) must be < rollout.max_new_tokens ({limit})"
-            )
+        try:  # the window rule's one home (OverlongConfig), now that max_length is the derived limit
+            ol.validate()
+        except ValueError as e:
+            raise ValueError(f"algo.overlong.{e}") from None
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> ExperimentConfig:

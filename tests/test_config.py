@@ -71,7 +71,7 @@ def test_lengths_are_tied_to_max_new_tokens(tmp_path):
         ("rollout: {max_new_tokens: 8000}\nalgo: {method: grpo, overlong: {enabled: true, max_length: 4096}}\n",
          "overlong.max_length (4096) must equal"),
         ("rollout: {max_new_tokens: 400}\nalgo: {method: grpo, overlong: {enabled: true, cache_length: 400}}\n",
-         "cache_length (400) must be < rollout.max_new_tokens"),
+         "algo.overlong.cache_length (400) must be < max_length (400"),
     ):
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             _cfg(tmp_path, text)
