@@ -229,8 +229,7 @@ class LapoConfig:
     band_high_pct: float = 70.0
     decay_width: float = 100.0  # stage-1 bonus decays linearly to 0 this many tokens outside the band
     default_budget: int = 4096  # M(q) of unsolved prompts
-    budget_template: str = " I will answer the question with {n} tokens."
-    think_open: str = "<think>"
+    budget_template: str = " I will answer the question with {n} tokens."  # inserted after segmentation.think_open
 
     def validate(self) -> None:
         _check_range(self, "alpha", 0.0, float("inf"))

@@ -291,8 +291,8 @@ class LapoStage2Method(LapoMethodBase):
     name = "lapo_stage2"
 
     def prepare_prompt(self, prompt: str, key: str) -> str:
-        lc = self.cfg.lapo
-        return augment_prompt(prompt, self.length_map.budget(key), lc.budget_template, lc.think_open)
+        return augment_prompt(prompt, self.length_map.budget(key), self.cfg.lapo.budget_template,
+                              self.cfg.segmentation.think_open)
 
     def _rewards(self, r: GroupedRollouts) -> tuple[Tensor, dict[str, float]]:
         lc = self.cfg.lapo

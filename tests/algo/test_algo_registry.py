@@ -217,6 +217,9 @@ def test_lapo_stages_and_state_roundtrip():
     m2.load_state_dict(state)
     assert m2.prepare_prompt("P <think>", "q0").endswith("<think> I will answer the question with 300 tokens.")
     assert m2.prepare_prompt("P <think>", "new").endswith("with 4096 tokens.")
+    other = AlgoConfig(method="lapo_stage2")  # one think-marker setting: segmentation's, also LAPO's insertion point
+    other.segmentation.think_open = "<reason>"
+    assert build_method(other).prepare_prompt("P <reason>", "new") == "P <reason> I will answer the question with 4096 tokens."
     r = make_batch([True, True, False, True, True], [300, 420, 10, 180, 420], [0, 0, 0, 1, 1])
     r.prompt_keys = ["q0", "q0", "q0", "u", "u"]
     out = m2.compute(r)
