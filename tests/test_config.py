@@ -104,6 +104,11 @@ def test_algo_invariant_guards(tmp_path):
         ("algo: {method: global_length_penalty, length_penalty: {alpha: 0.5}, overlong: {enabled: true}}\n",
          r"penalty_factor \(1.0\) must be <= 0.5"),
         ("algo: {length_penalty: {style: kimi, kimi_weight: 3}}\n", "kimi_weight must be in"),
+        # keys that would do nothing (the house rule): the window without the punishment, a minmax temperature
+        ("algo: {method: grpo, overlong: {cache_length: 64}}\n", "cache_length does nothing without enabled: true"),
+        ("algo: {method: grpo, overlong: {penalty_factor: 0.5}}\n", "penalty_factor does nothing without enabled"),
+        ("algo: {importance: {temperature: 0.5}}\n", "temperature does nothing with normalize: minmax"),
+        ("algo: {importance: {normalize: softmax, temperature: 0}}\n", r"temperature must be in \(0.0, inf\)"),
     ):
         with pytest.raises(ConfigError, match=needle):
             _cfg(tmp_path, text)

@@ -148,14 +148,22 @@ class ImportanceConfig:
 
     mode: Literal["prefix_gain", "leave_one_out"] = "prefix_gain"
     normalize: Literal["minmax", "softmax"] = "minmax"
-    temperature: float = 1.0  # softmax temperature
+    temperature: float | None = None  # softmax temperature (null: 1.0); does nothing with minmax: an error there
     max_scored_steps: int = 16  # adjacent steps merge so at most this many units are scored per response
     forcing_suffix: str = "\n</think>\n\nThe answer is \\boxed{"
     answer_closing: str = "}"
     answer_step_importance: float = 1.0  # the answer step is never scored: it holds the answer itself
 
+    def softmax_temperature(self) -> float:
+        """The softmax temperature with the documented null (1.0) resolved."""
+        return _or(self.temperature, 1.0)
+
     def validate(self) -> None:
-        _check_range(self, "temperature", 0.0, float("inf"), lo_open=True)
+        if self.normalize != "softmax" and self.temperature is not None:
+            raise ValueError(f"temperature does nothing with normalize: {self.normalize}; remove it")
+        t = self.softmax_temperature()
+        if not 0.0 < t < float("inf"):
+            raise ValueError(f"temperature must be in (0.0, inf), got {t}")
         if self.max_scored_steps < 1:
             raise ValueError(f"max_scored_steps must be >= 1, got {self.max_scored_steps}")
         _check_range(self, "answer_step_importance", 0.0, 1.0, hi_open=False)
@@ -282,23 +290,33 @@ class OverlongConfig:
     ``max_length`` is L_max of DAPO, the generation limit: null (default) takes rollout.max_new_tokens in the
     experiment config, which also rejects any other value (a window below the limit punished complete
     responses as if they were cut off: issue 11 item 8). Standalone AlgoConfig users set it themselves.
+    ``cache_length`` (null: 512) and ``penalty_factor`` (null: 1.0) shape the window; they do nothing without
+    ``enabled: true``, so setting them then is an error. Read the resolved pair through ``window()``.
     """
 
     enabled: bool = False
     max_length: int | None = None
-    cache_length: int = 512
-    penalty_factor: float = 1.0
+    cache_length: int | None = None
+    penalty_factor: float | None = None
+
+    def window(self) -> tuple[int, float]:
+        """(cache_length, penalty_factor) with the documented nulls resolved."""
+        return (int(_or(self.cache_length, 512)), _or(self.penalty_factor, 1.0))
 
     def validate(self) -> None:
         """The one home of the window rule: ``0 < cache_length < max_length`` (a window as long as the limit
         starts punishing at length 0). The experiment config re-runs this once it has derived max_length."""
-        if self.enabled and self.max_length is not None and not self.cache_length < self.max_length:
-            raise ValueError(
-                f"cache_length ({self.cache_length}) must be < max_length ({self.max_length}, the generation limit)"
-            )
-        if self.cache_length <= 0:
-            raise ValueError(f"cache_length must be > 0, got {self.cache_length}")
-        _check_range(self, "penalty_factor", 0.0, float("inf"))
+        if not self.enabled:
+            for name in ("cache_length", "penalty_factor"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} does nothing without enabled: true; remove it")
+        cache, factor = self.window()
+        if self.enabled and self.max_length is not None and not cache < self.max_length:
+            raise ValueError(f"cache_length ({cache}) must be < max_length ({self.max_length}, the generation limit)")
+        if cache <= 0:
+            raise ValueError(f"cache_length must be > 0, got {cache}")
+        if not 0.0 <= factor < float("inf"):
+            raise ValueError(f"penalty_factor must be in [0.0, inf), got {factor}")
 
 
 def min_outcome_gap(adv: AdvantageConfig) -> float:
@@ -338,9 +356,10 @@ class AlgoConfig:
             )
         if self.overlong.enabled:
             floor = self.length_penalty.correct_floor() if self.method == "global_length_penalty" else 1.0
-            if self.overlong.penalty_factor > floor + 1e-12:
+            factor = self.overlong.window()[1]
+            if factor > floor + 1e-12:
                 raise ValueError(
-                    f"overlong.penalty_factor ({self.overlong.penalty_factor}) must be <= {floor:.6g} with method "
+                    f"overlong.penalty_factor ({factor}) must be <= {floor:.6g} with method "
                     f"{self.method!r}: a larger penalty can push a correct response's reward below a wrong one's"
                 )
 

@@ -104,7 +104,7 @@ def build_importance_requests(
 
 def _normalize(raw: Tensor, cfg: ImportanceConfig) -> Tensor:
     if cfg.normalize == "softmax":
-        return torch.softmax(raw / cfg.temperature, dim=0)
+        return torch.softmax(raw / cfg.softmax_temperature(), dim=0)
     lo, hi = raw.min(), raw.max()
     if float(hi - lo) <= 1e-12:
         return torch.ones_like(raw)

@@ -193,7 +193,7 @@ class SequenceRewardMethod(MethodBase):
             if ol.max_length is None:
                 raise ValueError("overlong.enabled needs overlong.max_length (the experiment config sets it to "
                                  "rollout.max_new_tokens)")
-            pen = overlong_penalty(r.response_lengths, ol.max_length, ol.cache_length, ol.penalty_factor)
+            pen = overlong_penalty(r.response_lengths, ol.max_length, *ol.window())
             metrics["overlong/penalty_mean"] = float(pen.mean())
             rewards = rewards + pen
         check_finite(f"{self.name}: rewards", rewards)
