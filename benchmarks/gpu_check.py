@@ -484,19 +484,11 @@ def sec_rl_step(args: argparse.Namespace) -> dict[str, Any]:
     records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)
     method = build_method(algo_for(cfg, "scpo"))
     steps: list[dict[str, Any]] = []
-    device_error = None
     for step in range(1 if args.quick else 2):
         t0 = time.perf_counter()
-        try:
-            m = rl_step(rt, method, records, step=step, seed=11 + step)
-        except Exception as e:  # noqa: BLE001 (re-raised unless it is the device mismatch)
-            if device_error is not None or not torch.cuda.is_available() or "device" not in str(e).lower():
-                raise
-            # The trainer hands CPU batches to the policy; if the CUDA model refuses them, say so and measure
-            # the step with the batches moved (so a GPU run still yields numbers and the exact fix).
-            device_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            _move_policy_inputs(rt.policy, "cuda")
-            m = rl_step(rt, method, records, step=step, seed=11 + step)
+        # The trainer hands host (CPU) batches to the policy; the backend moves them to the model's device
+        # (MegatronPolicy.device) and returns log-probs on the host. A device error here is a backend bug.
+        m = rl_step(rt, method, records, step=step, seed=11 + step)
         steps.append({"seconds": time.perf_counter() - t0,
                       **{k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and (
                           k.startswith("time/") or k in ("loss", "reward/mean", "length/mean", "grad_norm",
@@ -505,9 +497,6 @@ def sec_rl_step(args: argparse.Namespace) -> dict[str, Any]:
         rt.engine.shutdown()
     res = {"device": "cuda" if torch.cuda.is_available() else "cpu", "packed": packed or "no packing option "
            "in this checkout (issue 12 item 1 pending): padded path", "steps": steps}
-    if device_error:
-        return {"status": "failed", "results": res, "reason": "the trainer's batches are not on the model's "
-                f"device ({device_error}); the steps above ran with inputs moved to CUDA by gpu_check"}
     diff = steps[-1].get("rollout_logprob_abs_diff", 0.0)
     if not math.isfinite(steps[-1].get("loss", float("nan"))) or diff > 1e-2:
         return {"status": "failed", "reason": f"loss {steps[-1].get('loss')} / engine-trainer diff {diff}",
@@ -515,19 +504,6 @@ def sec_rl_step(args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {"status": "ok" if cuda else "cpu-smoke", "results": res,
             "reason": None if cuda else "no CUDA: the trainer's CPU path (same code, gloo)"}
-
-
-def _move_policy_inputs(policy: Any, dev: str) -> None:
-    """Wrap ``compute_logprobs`` / ``train_step`` to move tensor inputs to ``dev`` (log-probs come back on CPU)."""
-    cl, ts = policy.compute_logprobs, policy.train_step
-
-    def compute_logprobs(ids: Any, mask: Any, *a: Any, **k: Any) -> Any:
-        return cl(ids.to(dev), mask.to(dev), *a, **k).cpu()
-
-    def train_step(batch: Any, *a: Any, **k: Any) -> Any:  # a backend.seam.TrainBatch
-        return ts(batch.to(dev), *a, **k)
-
-    policy.compute_logprobs, policy.train_step = compute_logprobs, train_step
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {

@@ -296,12 +296,19 @@ class MegatronPolicy:
     ) -> torch.Tensor:
         """Forward-only pass: out[b, t] = log p(ids[b, t] | ids[b, :t]) (fp32 [B, S], 0 at t=0 and on padding).
 
-        Returned on every rank (broadcast from the last pipeline stage).
+        Returned on every rank (broadcast from the last pipeline stage), on the inputs' device: the trainer's
+        host tensors go to the model's device (``self.device``) and the result comes back.
         """
         self._check_seq(input_ids, attention_mask)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        mbs = micro_batch_size or self.micro_batch_size
+        host = input_ids.device
+        out = self._logprobs_on_device(input_ids.to(self.device), attention_mask.to(self.device), temperature,
+                                       micro_batch_size or self.micro_batch_size)
+        return out.to(host)
+
+    def _logprobs_on_device(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float,
+                            mbs: int) -> torch.Tensor:
         b = input_ids.shape[0]
 
         def collect(mb: dict, logits: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
@@ -323,7 +330,7 @@ class MegatronPolicy:
         if self._ps.is_pipeline_last_stage():
             result = torch.cat(list(out), dim=0).float()
         else:
-            result = torch.zeros(ids.shape, dtype=torch.float32)
+            result = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
         return self._broadcast_from_last_stage(result)[:b]
 
     # ------------------------------------------------------------------ training
@@ -344,7 +351,7 @@ class MegatronPolicy:
         logits: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Megatron's loss_func: the trainer's loss on this micro-batch, scaled to its share of the global loss."""
-        zero = torch.zeros((), dtype=torch.float32)
+        zero = torch.zeros((), dtype=torch.float32, device=logits.device)
         mask = mb["batch"].loss_mask.bool()
         ntok = mask.sum().to(torch.float32)
         try:
@@ -370,9 +377,9 @@ class MegatronPolicy:
     def _reduce_metrics(self, dicts: list[dict[str, torch.Tensor]], stat_names: tuple[str, ...]) -> dict[str, float]:
         """Sum over micro-batches, pipeline stages and DP ranks; stats (token sums) become global token means."""
         names = ["loss", "tokens", *stat_names]
-        vec = torch.zeros(len(names), dtype=torch.float64)
+        vec = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
         for d in dicts:
-            vec += torch.stack([d[n].double().reshape(()) for n in names])
+            vec += torch.stack([d[n].double().reshape(()).to(vec.device) for n in names])
         if self.parallel.pp > 1:
             dist.all_reduce(vec, group=self._ps.get_pipeline_model_parallel_group())
         if self.info.dp > 1:
@@ -396,6 +403,7 @@ class MegatronPolicy:
         """
         mbs = micro_batch_size or self.micro_batch_size
         self._validate_train_batch(batch, loss_fn, mbs)
+        batch = batch.to(self.device)  # the trainer's host tensors -> the model's device (no-op on CPU)
         units = loss_fn.units(batch.loss_mask.bool()).reshape(1)
         if self.info.dp > 1:
             dist.all_reduce(units, group=self._ps.get_data_parallel_group())
@@ -449,6 +457,11 @@ class MegatronPolicy:
                     decoupled = sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
                     clip_grad_by_total_norm_fp32(params, clip, grad_norm, decoupled)
         return bool(opt.step_with_ready_grads()), grad_norm
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live (cuda:<local rank> on GPU nodes, cpu here)."""
+        return next(self.model[0].parameters()).device
 
     @property
     def lr(self) -> float:

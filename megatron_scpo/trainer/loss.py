@@ -78,7 +78,7 @@ class PolicyLoss:
                                dual_clip=self.dual_clip, tis_weights=tis, agg=self.agg, norm_length=self.norm_length,
                                ref_logprobs=ref, kl_coef=self.kl_coef)
         ntok = mask.sum().to(torch.float32)
-        zero = torch.zeros((), dtype=torch.float32)
+        zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
         stats = {"clip_frac_low": m["clipfrac_low"].detach().float() * ntok,
                  "clip_frac_high": m["clipfrac_high"].detach().float() * ntok,
                  "kl": m["kl"].detach().float() * ntok if "kl" in m else zero}
@@ -105,5 +105,5 @@ class SFTLoss:
         return agg_units(loss_mask, "token-mean")
 
     def __call__(self, mb: TrainBatch, logprobs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        zero = torch.zeros((), dtype=torch.float32)
+        zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
         return sft_loss(logprobs, mb.loss_mask.bool()), {n: zero for n in STAT_NAMES}
