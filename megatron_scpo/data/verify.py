@@ -7,7 +7,7 @@ everywhere. The answer comparison itself is ``data.answers.is_correct`` (last ``
 number of an unboxed answer); this module decides *whether a response is finished enough to be graded at all*:
 
 - ``abort`` (the engine gave up on the request) is never correct: it is not an answer. The RL step drops
-  aborted samples before rewards (trainer/rl.py); evaluation counts them wrong.
+  aborted samples before rewards (trainer/rollouts.py); evaluation counts them wrong.
 - ``length`` (cut at ``max_new_tokens``) and a think block left open (the prompt or the response opened
   ``<think>`` and the response never closes it) are **wrong** by default (``truncated="wrong"``): a ramble
   cut inside its reasoning may contain a boxed guess, but it never concluded. This is the convention of
@@ -117,12 +117,10 @@ class Grading:
     @classmethod
     def from_config(cls, cfg: Any) -> Grading:
         """From an ExperimentConfig: ``rl.truncated_grading``, ``algo.segmentation.think_open/close`` and
-        ``data.answer_extraction`` (``boxed`` for a config object without a ``data`` section, e.g. a test's
-        stand-in)."""
+        ``data.answer_extraction``."""
         seg = cfg.algo.segmentation
-        extraction = getattr(getattr(cfg, "data", None), "answer_extraction", "boxed")
         return cls(truncated=cfg.rl.truncated_grading, think_open=seg.think_open, think_close=seg.think_close,
-                   extraction=extraction)
+                   extraction=cfg.data.answer_extraction)
 
     def grade(self, response: str, gold: str, finish_reason: str, prompt: str = "") -> bool:
         return grade(response, gold, finish_reason, prompt=prompt, think_open=self.think_open,

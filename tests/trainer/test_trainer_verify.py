@@ -48,7 +48,7 @@ def test_think_markers_and_templates():
     assert not think_open_at_end(SYN_PROMPT, "", "")  # no markers configured: nothing is ever open
     assert think_closed("x</think>y", True) and not think_closed("x", True) and think_closed("x", False)
     # custom markers (algo.segmentation.think_open/close) reach the grade through Grading.from_config
-    cfg = SimpleNamespace(rl=SimpleNamespace(truncated_grading="wrong"),
+    cfg = SimpleNamespace(rl=SimpleNamespace(truncated_grading="wrong"), data=SimpleNamespace(answer_extraction="boxed"),
                           algo=SimpleNamespace(segmentation=SimpleNamespace(think_open="<r>", think_close="</r>")))
     g = Grading.from_config(cfg)
     assert g.grade("5 </r> \\boxed{5}", "5", "stop", "Q <r>") and not g.grade("\\boxed{5}", "5", "stop", "Q <r>")
