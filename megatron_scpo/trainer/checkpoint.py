@@ -199,9 +199,10 @@ class CheckpointManager:
     def load(self, path: Path, load_model: Callable[[Path], None] | None = None,
              restore_rng: bool = True) -> dict[str, Any]:
         """Read trainer state from checkpoint ``path``, load the model via ``load_model(path / "model")`` (when
-        given), then (``restore_rng``) restore this rank's RNG streams (``backend.rng.set_rng_state``: all of them
-        under the saved layout; after a reshard the host streams, of this rank's file or rank 0's). Returns the
-        trainer state with ``global_step`` (without ``checkpoint_format``).
+        given), then (``restore_rng``) restore this rank's RNG streams from its own file (``backend.rng.set_rng_state``:
+        all of them under the saved layout; after a reshard the host streams). A rank the checkpoint has no file
+        for (the run grew) keeps its freshly seeded streams: another rank's state would make ranks draw alike.
+        Returns the trainer state with ``global_step`` (without ``checkpoint_format``).
 
         Raises CheckpointError (one line, naming the file) for a checkpoint of another format.
         """
@@ -215,7 +216,6 @@ class CheckpointManager:
             load_model(path / MODEL_SUBDIR)
         if restore_rng:
             rng_file = _rng_file(path, self.rank)
-            if not rng_file.is_file():
-                rng_file = _rng_file(path, 0)
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            if rng_file.is_file():
+                set_rng_state(torch.load(rng_file, weights_only=False))
         return state

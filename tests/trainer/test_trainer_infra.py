@@ -81,6 +81,12 @@ def test_checkpoint_atomic_latest_keep_and_rng(tmp_path):
     assert sorted(p.name for p in ck.iterdir()) == ["model", "rng", STATE_FILE]
     assert [p.name for p in (ck / "rng").iterdir()] == ["rank0.pt"]
     assert json.loads((ck / STATE_FILE).read_text())["checkpoint_format"] == CHECKPOINT_FORMAT
+    # a rank the checkpoint has no RNG file for (the run grew) keeps its own seeded streams, not rank 0's
+    torch.manual_seed(123)
+    own = torch.rand(1).item()
+    torch.manual_seed(123)
+    CheckpointManager(tmp_path, rank=1).load(ck)
+    assert torch.rand(1).item() == own
 
 
 def test_checkpoint_crash_mid_save_keeps_previous_and_old_format_is_refused(tmp_path):
