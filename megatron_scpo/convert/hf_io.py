@@ -136,7 +136,7 @@ def write_safetensors(
     Returns the written file names.
     """
     out = Path(out_dir)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard: dict[str, torch.Tensor] = {}  # only the shard being filled is held: a flushed one is released
     size = 0
     tmp_names: list[str] = []
     weight_map: dict[str, str] = {}
@@ -144,23 +144,23 @@ def write_safetensors(
 
     def flush() -> None:
         name = f"model-part{len(tmp_names):05d}.safetensors"
-        save_file(shards[-1], str(out / name), metadata={"format": "pt"})
+        save_file(shard, str(out / name), metadata={"format": "pt"})
         tmp_names.append(name)
-        for k in shards[-1]:
+        for k in shard:
             weight_map[k] = name
+        shard.clear()
 
     for name, t in tensors:
-        if name in weight_map or name in shards[-1]:
+        if name in weight_map or name in shard:
             raise ConversionError(f"duplicate tensor name {name!r} in export")
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shard and size + nbytes > max_shard_bytes:
             flush()
-            shards.append({})
             size = 0
-        shards[-1][name] = t.detach().cpu().contiguous()
+        shard[name] = t.detach().cpu().contiguous()
         size += nbytes
         total += nbytes
-    if shards[-1] or not tmp_names:
+    if shard or not tmp_names:
         flush()
     if len(tmp_names) == 1:
         os.replace(out / tmp_names[0], out / SAFE_SINGLE)
