@@ -59,7 +59,8 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
     """Move the complete directory ``src`` to ``dst`` (fsynced first), replacing any existing ``dst``.
 
     An existing ``dst`` is renamed aside to ``<dst>.old.tmp`` and removed after ``src`` took its name, so a crash
-    leaves ``dst`` old or new, or (between the two renames only) just the ``.tmp`` names that cleanup removes.
+    leaves ``dst`` old or new, or (between the two renames only) ``<dst>.old.tmp`` without ``dst``: call
+    ``recover_replaced`` on the parent before reading it, which renames the old copy back.
     """
     src, dst = Path(src), Path(dst)
     fsync_tree(src)
@@ -70,3 +71,23 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
     os.replace(src, dst)
     fsync_dir(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_replaced(parent: str | Path) -> list[Path]:
+    """Undo a ``replace_dir`` that crashed between its two renames: every ``<x>.old.tmp`` in ``parent`` whose
+    ``<x>`` is missing is renamed back to ``<x>`` (the complete previous copy). Returns the recovered paths.
+    Single writer: call it from one process before others read ``parent``."""
+    out: list[Path] = []
+    suffix = ".old" + TMP_SUFFIX
+    parent = Path(parent)
+    if not parent.is_dir():
+        return out
+    for p in sorted(parent.iterdir()):
+        if p.is_dir() and p.name.endswith(suffix):
+            dst = p.with_name(p.name[: -len(suffix)])
+            if not dst.exists():
+                os.replace(p, dst)
+                out.append(dst)
+    if out:
+        fsync_dir(parent)
+    return out

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from megatron_scpo.atomic import TMP_SUFFIX, replace_dir, write_json_atomic, write_text_atomic
+from megatron_scpo.atomic import TMP_SUFFIX, recover_replaced, replace_dir, write_json_atomic, write_text_atomic
 from megatron_scpo.backend.checkpoint import CheckpointError
 from megatron_scpo.backend.rng import rng_state, set_rng_state
 from megatron_scpo.convert.checkpoint import HF_SUBDIR  # one name: the converter reads the config from there
@@ -126,6 +126,7 @@ class CheckpointManager:
         self.barrier = barrier or (lambda: None)
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
+            recover_replaced(self.root)  # a re-saved snapshot whose swap crashed between its two renames
         self.barrier()
 
     # ---- discovery -------------------------------------------------------------------------------

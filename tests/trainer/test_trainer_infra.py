@@ -105,6 +105,14 @@ def test_checkpoint_crash_mid_save_keeps_previous_and_old_format_is_refused(tmp_
     assert mgr.latest().name == "step_000001" and [p.name for p in mgr.complete()] == ["step_000001"]
     (tmp_path / "checkpoints" / "latest").unlink()  # the scan ignores the half-written temp dir too
     assert mgr.latest().name == "step_000001" and mgr.load(mgr.latest())["global_step"] == 1
+    # a crash between replace_dir's two renames (re-saving an existing snapshot) leaves only <name>.old.tmp and
+    # <name>.tmp: the next manager renames the complete old copy back instead of losing both
+    mgr.save(3, {"stage": "rl"}, lambda d: d.mkdir(parents=True), snapshot="stage1")
+    snap = tmp_path / "checkpoints" / "stage1"
+    snap.rename(snap.with_name("stage1.old.tmp"))
+    (tmp_path / "checkpoints" / "stage1.tmp" / "model").mkdir(parents=True)
+    mgr = CheckpointManager(tmp_path)
+    assert mgr.snapshot("stage1") == snap and mgr.load(snap)["global_step"] == 3
     # a checkpoint of the previous format (no checkpoint_format, RNG in rng_rank{r}.pt) is refused in one line
     sf = mgr.latest() / STATE_FILE
     sf.write_text(json.dumps({k: v for k, v in json.loads(sf.read_text()).items() if k != "checkpoint_format"}))
