@@ -158,6 +158,9 @@ def train_on(rt: Runtime, batch: TrainBatch, loss_fn: LossFn, mini_batches: int,
     bounds = [round(i * B / n_mb) for i in range(n_mb + 1)]
     if sample_mask is not None:
         batch = replace(batch, loss_mask=batch.loss_mask & sample_mask.bool()[:, None])
+    # Checked on the whole batch, identically on every rank: a bad row (NaN engine log-probs, say) checked only in
+    # the backend would raise on the one DP rank holding it while the others wait in the step's all-reduce.
+    batch.validate(tuple(loss_fn.requires))
     agg: dict[str, float] = {}
     skipped = empty = 0
     steps: list[dict[str, Any]] = []

@@ -71,6 +71,28 @@ def test_train_on_balances_dp_ranks_by_tokens():
     assert sorted([sum(rows_of[0]), sum(rows_of[1])]) == [84, 108]  # the best 4 + 4 split (LPT finds it)
 
 
+def test_train_on_checks_the_whole_batch_on_every_rank():
+    """A NaN in a row that only one DP rank would hold is refused on every rank, before any step (checked only
+    in the backend, that rank would raise while the other waits in the step's all-reduce: a hang)."""
+    from megatron_scpo.backend.seam import BatchError
+    from megatron_scpo.trainer.loss import PolicyLoss
+    from megatron_scpo.trainer.rl import train_on
+
+    lengths = [60, 52, 40, 8, 8, 8, 8, 8]
+    padded = pad_batch([[1] * 4 for _ in lengths], [[2] * (n - 4) for n in lengths], pad_id=0)
+    b, s = padded.input_ids.shape
+    rollout = torch.zeros(b, s)
+    rollout[3, 5] = float("nan")  # engine log-prob of one token of a short row
+    batch = padded.train_batch(advantages=torch.zeros(b, s), old_logprobs=torch.zeros(b, s), eps_low=torch.full((b,), 0.2),
+                               eps_high=torch.full((b,), 0.2), rollout_logprobs=rollout)
+    loss = PolicyLoss(agg="token-mean", norm_length=None, kl_coef=0.0, tis_cap=2.0, dual_clip=3.0, temperature=1.0)
+    for rank in range(2):
+        seen: list = []
+        with pytest.raises(BatchError, match="rollout_logprobs contains NaN"):
+            train_on(_fake_rt(2, rank, seen), batch, loss, 1, 4)
+        assert seen == []
+
+
 def test_dp_share_one_rule_for_rl_and_sft():
     """batching.dp_share: equal counts balanced by tokens, the order of ``rows`` kept (DP=1: the batch as given),
     fewer rows than ranks padded with fully masked copies; each share trimmed to its own longest row."""
