@@ -45,6 +45,10 @@ class PolicyLoss:
 
     def __post_init__(self) -> None:
         check_loss_options(agg=self.agg, norm_length=self.norm_length, dual_clip=self.dual_clip, kl_coef=self.kl_coef)
+        if self.agg == "seq-mean-token-sum-norm" and self.norm_length is None:
+            # the kernel would fall back to each micro-batch's own width (prompt included, varying with packing
+            # and trimming): not Dr.GRPO's constant normalizer. The config derives it (rollout.max_new_tokens).
+            raise ValueError("agg seq-mean-token-sum-norm needs norm_length (the generation budget), got None")
         if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap > 0):
             raise ValueError(f"tis_cap must be a finite number > 0 or None, got {self.tis_cap}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):

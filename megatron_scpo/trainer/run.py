@@ -244,7 +244,9 @@ class RunDriver:
             return False
         st = rt.ckpt.load(latest, load_model=rt.policy.load_shards)
         rt.global_step = int(st.pop("global_step"))
-        self.state = TrainerState.from_json(st, latest)
+        from megatron_scpo.trainer.checkpoint import STATE_FILE
+
+        self.state = TrainerState.from_json(st, latest / STATE_FILE)
         rt.logger.truncate(self.state.metrics_records)
         rt.sync_weights(version=self.state.weight_version)
         if rt.is_main:

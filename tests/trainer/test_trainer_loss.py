@@ -96,6 +96,7 @@ def test_knobs_reach_the_loss_and_name_what_they_read():
     (dict(agg="sum"), "agg"), (dict(dual_clip=0.5), "dual_clip"), (dict(tis_cap=0.0), "tis_cap"),
     (dict(tis_cap=float("nan")), "tis_cap"), (dict(kl_coef=-1.0), "kl_coef"), (dict(kl_coef=float("nan")), "kl_coef"),
     (dict(norm_length=0), "norm_length"), (dict(temperature=0.0), "temperature"),
+    (dict(agg="seq-mean-token-sum-norm"), "needs norm_length"),  # a micro-batch's width is no constant normalizer
 ])
 def test_policy_loss_refuses_bad_knobs_when_built(bad, match):
     with pytest.raises(ValueError, match=match):
