@@ -282,9 +282,8 @@ class NoStopEngine:
 def worker_ours(a: argparse.Namespace) -> None:
     import torch
 
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.trainer.rl import rl_step
-    from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
+    from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
     torch.set_num_threads(a.threads)
@@ -296,7 +295,7 @@ def worker_ours(a: argparse.Namespace) -> None:
         scale = a.gen_len / 16384
         lengths = LongCotLengths(response_mean=6000.0 * scale, max_response=a.gen_len)
     rt.engine = engine = NoStopEngine(rt.engine, timer, lengths)
-    method = build_method(algo_for(cfg, "grpo"))
+    method = method_for(cfg, "grpo")
     records = step_records(cfg, a.steps_total)
     p = cfg.rl.prompts_per_step
     _emit({"ready": True, "threads": torch.get_num_threads()})

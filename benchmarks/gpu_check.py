@@ -462,11 +462,10 @@ def sec_rl_step(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.config import load_config
     from megatron_scpo.data.datasets import PromptIterator, load_split
     from megatron_scpo.trainer.rl import rl_step
-    from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
+    from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
     # A random tiny model answers everything wrong: all-wrong groups get zero advantages, so loss and gradient are
@@ -482,7 +481,7 @@ def sec_rl_step(args: argparse.Namespace) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, **{sec_name: sec})
     rt = build_runtime(cfg, Path(args.workdir) / "rl_run")
     records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)
-    method = build_method(algo_for(cfg, "scpo"))
+    method = method_for(cfg, "scpo")
     steps: list[dict[str, Any]] = []
     for step in range(1 if args.quick else 2):
         t0 = time.perf_counter()

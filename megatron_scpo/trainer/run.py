@@ -24,7 +24,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -35,19 +35,31 @@ from megatron_scpo.trainer.evaluate import evaluate, load_eval
 from megatron_scpo.trainer.preempt import PREEMPTED_EXIT_CODE, Preempted, StopRequest
 from megatron_scpo.trainer.runtime import Runtime
 
+if TYPE_CHECKING:
+    from megatron_scpo.algo.registry import Method
+
 
 # ------------------------------------------------------------------------------------------- preflight
 def methods_of(cfg: ExperimentConfig) -> list[str]:
     return list(cfg.compare.methods) or [cfg.algo.method]
 
 
-def algo_for(cfg: ExperimentConfig, method: str) -> Any:
-    return dataclasses.replace(cfg.algo, method=method)
+def method_for(cfg: ExperimentConfig, name: str) -> Method:
+    """The Method the trainer runs for ``name`` (the run's ``algo`` section with ``method: name``; validated).
+
+    S-GAE's discounted scan is the kernel op ``scpo_kernels.gae.step_discounted_sum`` (bitwise equal to the
+    algo spec's loop for the step counts responses have); preflight, the RL phase and the benchmarks build
+    methods here only, so what they validate and time is what trains.
+    """
+    from scpo_kernels.gae import step_discounted_sum
+
+    from megatron_scpo.algo.registry import build_method
+
+    return build_method(dataclasses.replace(cfg.algo, method=name), scan=step_discounted_sum)
 
 
 def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     """Everything cheap that can fail: data files, methods, tokenizer. Raises ValueError subclasses."""
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.data.datasets import load_split
 
     train = load_split(cfg.data, "train")
@@ -57,7 +69,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     if not train and (cfg.rl.enabled or cfg.warmstart.enabled or cfg.stage1.enabled):
         raise ConfigError("the train split is empty")
     for m in methods_of(cfg):
-        build_method(algo_for(cfg, m))
+        method_for(cfg, m)
     if (cfg.warmstart.enabled) and cfg.data.source != "synthetic":
         raise ConfigError("warmstart.enabled needs data.source: synthetic (it trains on the task's verbose traces)")
     if cfg.model.hf_path is None and cfg.data.source != "synthetic":
@@ -372,15 +384,12 @@ class RunDriver:
         self._finish("stage1")
 
     def rl(self, name: str) -> None:
-        from scpo_kernels.gae import step_discounted_sum
-
-        from megatron_scpo.algo.registry import build_method
         from megatron_scpo.data.datasets import PromptIterator
         from megatron_scpo.trainer.rl import rl_step
         from megatron_scpo.trainer.sft import set_lr
 
         rt, c = self.rt, self.cfg.rl
-        method = build_method(algo_for(self.cfg, name), scan=step_discounted_sum)  # S-GAE runs the kernel's scan
+        method = method_for(self.cfg, name)
         it = PromptIterator(self.data["train"], seed=self.cfg.data.shuffle_seed)
         start = self.state.rl_step
         sequential = self.cfg.compare.mode == "sequential"

@@ -65,17 +65,16 @@ def main() -> None:
 
 
 def _worker(rank: int, world: int, config: str, checkpoints: list[str], steps: int, work: str) -> None:
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.config import load_config
     from megatron_scpo.data.datasets import PromptIterator, load_split
     from megatron_scpo.trainer import rl as rlmod
-    from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
+    from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
     cfg = load_config(config, ["logging.stdout=false", "logging.tensorboard=false", "logging.progress=false"])
     rt = build_runtime(cfg, Path(work))
     it = PromptIterator(load_split(cfg.data, "train"), seed=0)
-    method = build_method(algo_for(cfg, "scpo"))
+    method = method_for(cfg, "scpo")
     seen: list[list[int]] = []
     real_pad = rlmod.pad_batch
 

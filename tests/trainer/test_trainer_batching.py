@@ -120,12 +120,11 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     from pathlib import Path
 
     import megatron_scpo.data.answers as answers
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.config import load_config
     from megatron_scpo.data.datasets import PromptIterator, load_split
     from megatron_scpo.trainer.reference import ReferencePolicy
     from megatron_scpo.trainer.rl import rl_step
-    from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
+    from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
     answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups: SCPO scores
@@ -136,7 +135,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     params = list(rt.policy.modules()[0].parameters())
     start = [p.detach().clone() for p in params]
     rt.reference = ReferencePolicy.from_live(rt.policy)
-    method = build_method(algo_for(cfg, "scpo"))
+    method = method_for(cfg, "scpo")
     out = {}
     for mode, packed, budget in (("padded", False, None), ("packed", True, None), ("budget", True, 24)):
         rt.policy.packed, rt.policy.max_tokens = packed, budget

@@ -29,10 +29,9 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     import torch
 
     import megatron_scpo.data.answers as answers
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.data.datasets import PromptIterator, load_split
     from megatron_scpo.trainer.rl import rl_step
-    from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
+    from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
     answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups, deterministic
@@ -42,7 +41,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     start = [p.detach().clone() for p in rt.policy.modules()[0].parameters()]
     results = {}
     for name in METHODS:
-        method = build_method(algo_for(cfg, name))
+        method = method_for(cfg, name)
         m = rl_step(rt, method, records, step=0, seed=77)
         moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(rt.policy.modules()[0].parameters(), start))
         results[name] = {k: m[k] for k in ("reward/mean", "loss", "acc/mean", "length/mean", "clip/frac_low",
@@ -77,7 +76,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
             poison["on"] = False
 
     rt.policy.train_step = poisoned_train_step
-    m = rl_step(rt, build_method(algo_for(cfg, "grpo")), records, step=1, seed=78)
+    m = rl_step(rt, method_for(cfg, "grpo"), records, step=1, seed=78)
     handle.remove()
     rec = rt.logger.log("rl/grpo", 1, m)
     moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(rt.policy.modules()[0].parameters(), start))
@@ -95,16 +94,15 @@ def _kl_steps(rt, cfg, records, start) -> dict:
 
     import torch
 
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.trainer.batching import pad_batch
     from megatron_scpo.trainer.reference import ReferencePolicy
     from megatron_scpo.trainer.rl import rl_step
-    from megatron_scpo.trainer.run import algo_for
+    from megatron_scpo.trainer.run import method_for
 
     algo = dataclasses.replace(cfg.algo, loss=dataclasses.replace(cfg.algo.loss, kl_coef=0.5))
     rt.cfg = dataclasses.replace(cfg, algo=algo, rl=dataclasses.replace(cfg.rl, mini_batches=1))
     rt.reference = ref = ReferencePolicy.from_live(rt.policy)
-    method = build_method(algo_for(rt.cfg, "grpo"))
+    method = method_for(rt.cfg, "grpo")
     m1 = rl_step(rt, method, records, step=0, seed=77)
     m2 = rl_step(rt, method, records, step=1, seed=78)
     # the swap leaves the trained weights live and the reference frozen at the start weights

@@ -61,11 +61,10 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str, tp: int) -> None
     import torch.distributed as dist
 
     import megatron_scpo.data.answers as answers
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.config import load_config
     from megatron_scpo.data.datasets import PromptIterator, load_split
     from megatron_scpo.trainer.rl import rl_step
-    from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
+    from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
     answers.is_correct = _stub_factory()
@@ -84,7 +83,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str, tp: int) -> None
 
     rt.train_step = train_step
     it = PromptIterator(load_split(cfg.data, "train"), seed=0)
-    m = rl_step(rt, build_method(algo_for(cfg, "grpo")), it.next_batch(P), step=0, seed=77, draw=it.next_batch)
+    m = rl_step(rt, method_for(cfg, "grpo"), it.next_batch(P), step=0, seed=77, draw=it.next_batch)
     info = rt.policy.info
     parts = [None] * world
     dist.all_gather_object(parts, (info.tp_rank, sum(sent)))  # TP ranks of one replica see the same batch

@@ -81,7 +81,6 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     from sglang_standin import SGLangStandin
 
     import megatron_scpo.data.answers as answers
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.backend.parallel import barrier, broadcast_object
     from megatron_scpo.convert.live import iter_hf_tensors
     from megatron_scpo.data.datasets import PromptIterator, load_split
@@ -89,7 +88,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     from megatron_scpo.rollout.local import LocalEngine
     from megatron_scpo.rollout.sglang import bucket_named_tensors
     from megatron_scpo.trainer.rl import rl_step
-    from megatron_scpo.trainer.run import _model_source, _write_tiny_model, algo_for, build_runtime, quiet_warnings
+    from megatron_scpo.trainer.run import _model_source, _write_tiny_model, build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
     answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups, deterministic
@@ -111,7 +110,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
         cfg = _cfg(url, str(run / "sync"))
         rt = build_runtime(cfg, run)
         records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)
-        method = build_method(algo_for(cfg, "grpo"))
+        method = method_for(cfg, "grpo")
         calls: list = []
         if rank == 0:
             assert type(rt.engine).__name__ == "SGLangEngine", type(rt.engine)
@@ -245,11 +244,10 @@ def _real_worker(rank: int, world: int, out_path: str, run_dir: str, url: str) -
     from transformers import AutoModelForCausalLM
 
     import megatron_scpo.data.answers as answers
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.convert.live import iter_hf_tensors
     from megatron_scpo.data.datasets import PromptIterator, load_split
     from megatron_scpo.trainer.rl import rl_step
-    from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
+    from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
     answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups, deterministic
@@ -257,7 +255,7 @@ def _real_worker(rank: int, world: int, out_path: str, run_dir: str, url: str) -
     cfg = _real_cfg(url, str(run / "sync"))
     rt = build_runtime(cfg, run)  # the run's init_model was written by the test (the server may serve another)
     records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)
-    method = build_method(algo_for(cfg, "grpo"))
+    method = method_for(cfg, "grpo")
     calls: list = []
     if rank == 0:
         real_generate = rt.engine.generate
@@ -357,11 +355,10 @@ def _kill_worker(rank: int, world: int, out_path: str, run_dir: str, url: str, s
     import time
 
     import megatron_scpo.data.answers as answers
-    from megatron_scpo.algo.registry import build_method
     from megatron_scpo.data.datasets import PromptIterator, load_split
     from megatron_scpo.rollout.base import RolloutServerError
     from megatron_scpo.trainer.rl import rl_step
-    from megatron_scpo.trainer.run import algo_for, build_runtime, quiet_warnings
+    from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
     answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0
@@ -369,7 +366,7 @@ def _kill_worker(rank: int, world: int, out_path: str, run_dir: str, url: str, s
     cfg = _real_cfg(url, str(run / "sync"))
     rt = build_runtime(cfg, run)
     records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)
-    method = build_method(algo_for(cfg, "grpo"))
+    method = method_for(cfg, "grpo")
     m = rl_step(rt, method, records, step=0, seed=5)
     saved = rt.ckpt.save(1, {"weight_version": rt.weight_version}, rt.policy.save_shards)
 
