@@ -174,8 +174,6 @@ def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
     engine = build_engine(cfg.rollout, hf_dir, tokenizer) if rank == 0 else None
     logger = MetricsLogger(run_dir, cfg.logging, rank=rank, config_dict=configlib.to_dict(cfg))
     ckpt = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, rank=rank, barrier=barrier)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(configlib.to_dict(cfg), sort_keys=False))
     return Runtime(cfg, run_dir, rank, world, tokenizer, hf_config, hf_dir, policy, engine, logger, ckpt)
 
 
@@ -439,6 +437,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, data: dict[str, Any] | Non
     stop.install()  # from here on SIGTERM only sets a flag; steps finish, then we checkpoint and exit
     try:
         rt = build_runtime(cfg, run_dir)
+        if rt.is_main:  # the resolved config of the run (`scpo eval --run-dir` builds a runtime too: not here)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(configlib.to_dict(cfg), sort_keys=False))
         try:
             driver = RunDriver(rt, data, stop)
             driver.resume()

@@ -82,7 +82,9 @@ def _world1(rank: int, world: int, out_json: str, root: str) -> None:
     res = _check_checkpoints(run_dir, root_p / "converted", rank, (1,))
     # the same checkpoint evaluated through Megatron (load + weight sync) and as a plain HF dir
     cfg = load_config(None, [*WORLD1, *EVAL])
+    trained_cfg = (run_dir / "config.yaml").read_text()
     evaluate_checkpoint(cfg, run_dir, "rl_scpo", "megatron", str(root_p / "eval_mcore"))
+    assert (run_dir / "config.yaml").read_text() == trained_cfg  # evaluating a run leaves its config as trained
     assert eval_cli.main([str(run_dir / "config.yaml"), *EVAL, "--hf", str(run_dir / "checkpoints/rl_scpo/hf"),
                           "--label", "hf", "--out", str(root_p / "eval_hf")]) == 0
     res["eval"] = {k: json.loads((root_p / d / "eval" / f"{k}.json").read_text())
