@@ -65,6 +65,23 @@ def test_eval_hf_dir_and_overlong_prompt(tmp_path: Path, capsys):
     assert not (Path("eval") / "model.json").exists()
 
 
+def test_eval_run_dir_without_the_checkpoint_writes_nothing(tmp_path: Path, capsys):
+    """`scpo eval --run-dir` checks the checkpoint before Megatron starts: one line listing what exists, and no
+    init_model/ or checkpoints/ left behind in a dir that is not a run."""
+    cfg = _eval_cfg(tmp_path, [GOOD])
+    empty = tmp_path / "not_a_run"
+    line = _one_line(capsys, ["eval", str(cfg), "--run-dir", str(empty)])
+    assert "no complete checkpoint" in line and not empty.exists()
+    run = tmp_path / "run"
+    for name in ("stage1", "step_000010"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+        (run / "checkpoints" / name / "trainer_state.json").write_text("{}")
+    (run / "checkpoints" / "step_000012.tmp").mkdir()  # a crashed save is not offered
+    line = _one_line(capsys, ["eval", str(cfg), "--run-dir", str(run), "--checkpoint", "rl_scpoo"])
+    assert "'rl_scpoo'" in line and "['stage1', 'step_000010']" in line
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
 def test_other_subcommands(tmp_path: Path, capsys):
     cfg = tmp_path / "typo.yaml"
     cfg.write_text("name: x\nrl: {stepz: 1}\n")

@@ -18,6 +18,19 @@ from megatron_scpo.trainer.evaluate import eval_hf, evaluate
 from megatron_scpo.trainer.run import build_runtime, preflight
 
 
+def _check_checkpoint(run_dir: Path, checkpoint: str | None) -> None:
+    """ConfigError (one line, listing what exists) for a run dir without complete checkpoints or an unknown
+    ``--checkpoint`` name; reads only, creates nothing."""
+    from megatron_scpo.trainer.checkpoint import STATE_FILE
+
+    root = run_dir / "checkpoints"
+    names = sorted(p.name for p in root.iterdir() if (p / STATE_FILE).is_file()) if root.is_dir() else []
+    if not names:
+        raise ConfigError(f"--run-dir {run_dir}: no complete checkpoint under {root} (is it a `scpo train` run dir?)")
+    if checkpoint is not None and checkpoint not in names:
+        raise ConfigError(f"--checkpoint {checkpoint!r}: not in {root}; it has {names}")
+
+
 def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: Path, checkpoint: str | None, label: str | None,
                         out: str | None) -> dict[str, Any] | None:
     """`scpo eval --run-dir`: load a checkpoint of a run into Megatron, sync to the engine, evaluate.
@@ -25,10 +38,11 @@ def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: Path, checkpoint: str | 
     ``checkpoint`` names a stage snapshot or a ``step_*`` dir (None: the latest); writes ``<out or run_dir>/eval/
     <label>.json`` and returns the result on rank 0 (None elsewhere). Raises ConfigError for a missing checkpoint.
     """
+    _check_checkpoint(run_dir, checkpoint)  # before Megatron is imported or anything is written
     data = preflight(cfg)
     rt = build_runtime(cfg, run_dir)
-    path = rt.ckpt.snapshot(checkpoint) or (rt.ckpt.root / checkpoint if checkpoint else rt.ckpt.latest())
-    if path is None or not path.is_dir():
+    path = rt.ckpt.snapshot(checkpoint) if checkpoint else rt.ckpt.latest()
+    if path is None:
         raise ConfigError(f"{run_dir}: no checkpoint {checkpoint or 'latest'}")
     rt.ckpt.load(path, load_model=lambda d: rt.policy.load_shards(d, load_optimizer=False))
     rt.sync_weights()
