@@ -1,8 +1,9 @@
 """`scpo report RUN_DIR...`: compare evaluations of runs as a Markdown table and a PNG plot.
 
 Reads every ``RUN_DIR/eval/*.json`` (written by evaluate.py). The first evaluation labelled
-``warmstart`` (else the first one found) is the baseline that the token reduction, AE and the
-critical/redundant retention percentages are computed against.
+``warmstart`` (else the first one found; with several run dirs, the first given run's) is the baseline that the
+token reduction, AE and the critical/redundant retention percentages are computed against. With several run
+dirs every row is named ``<run dir name>/<label>``.
 """
 
 from __future__ import annotations
@@ -22,21 +23,25 @@ ORDER = ("warmstart", "stage1")
 def load_evals(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     """All eval records of the given run dirs, stage order first (warmstart, stage1, then RL runs)."""
     out = []
-    for rd in run_dirs:
+    names = [Path(rd).name for rd in run_dirs]
+    unique = len(set(names)) == len(names)
+    for i, rd in enumerate(run_dirs):
         d = Path(rd) / "eval"
         if not d.is_dir():
             raise ValueError(f"{rd}: no eval/ directory (run `scpo train` or `scpo eval` first)")
         for p in sorted(d.glob("*.json")):
             rec = json.loads(p.read_text())
             rec.setdefault("label", p.stem)
-            rec["run_dir"] = str(rd)
+            rec["stage_label"], rec["run_dir"], rec["run_index"] = rec["label"], str(rd), i
+            if len(run_dirs) > 1:  # which run a row belongs to (its dir name, or the path when names repeat)
+                rec["label"] = f"{names[i] if unique else rd}/{rec['stage_label']}"
             out.append(rec)
     if not out:
         raise ValueError(f"no evaluation results in {[str(r) for r in run_dirs]}")
 
-    def key(r: dict[str, Any]) -> tuple[int, float, str]:
-        lab = r["label"]
-        return (ORDER.index(lab) if lab in ORDER else len(ORDER), float(r.get("created", 0.0)), lab)
+    def key(r: dict[str, Any]) -> tuple[int, int, float, str]:
+        lab = r["stage_label"]
+        return (ORDER.index(lab) if lab in ORDER else len(ORDER), r["run_index"], float(r.get("created", 0.0)), lab)
 
     return sorted(out, key=key)
 
@@ -59,7 +64,7 @@ def _num(x: float | None, fmt: str = ".1f") -> str:
 
 def summarize(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add baseline-relative columns (token reduction, AE, critical kept, redundant removed)."""
-    base = next((e for e in evals if e["label"] == "warmstart"), evals[0])
+    base = next((e for e in evals if e.get("stage_label", e["label"]) == "warmstart"), evals[0])
     rows = []
     for e in evals:
         row = dict(e)

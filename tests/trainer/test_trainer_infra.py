@@ -159,6 +159,16 @@ def test_aggregate_and_report(tmp_path):
     # tokens halve (-50%), accuracy 0.5 -> 1.0: AE = 0.5 + 3 * 1.0 = 3.5; redundant 6 -> 1 removes 83.3%
     assert "-50.0%" in rows[0] and "3.50" in rows[0] and "83.3%" in rows[0] and "100.0%" in rows[0]
     assert (run / "report.png").stat().st_size > 1000
+    # two runs: every row says its run, the first run's warm start is the baseline of both
+    other = tmp_path / "other"
+    (other / "eval").mkdir(parents=True)
+    (other / "eval" / "warmstart.json").write_text(json.dumps({**short, "label": "warmstart"}))
+    (other / "eval" / "rl_scpo.json").write_text(json.dumps({**short, "label": "rl_scpo"}))
+    text = write_report([run, other], tmp_path / "cmp")
+    labels = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| run/") or
+              line.startswith("| other/")]
+    assert labels[:4] == ["run/warmstart", "other/warmstart", "run/rl_scpo", "other/rl_scpo"]
+    assert "-50.0%" in next(line for line in text.splitlines() if line.startswith("| other/rl_scpo"))
 
 
 def test_rejection_selection_rules():
