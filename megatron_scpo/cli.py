@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("megatron_scpo.trainer.run", "main", "run warm-start SFT, stage 1 and stage 2 from a config"),
     "eval": ("megatron_scpo.trainer.eval_cli", "main", "evaluate a checkpoint on a config's eval set"),
     "report": ("megatron_scpo.trainer.report", "main", "compare run dirs: Markdown table + PNG plot"),
-    "convert": ("megatron_scpo.convert.cli", "main", "convert checkpoints: hf-to-mcore, mcore-to-hf"),
+    "convert": ("megatron_scpo.convert.cli", "main", "convert checkpoints: gguf-to-hf, hf-to-mcore, mcore-to-hf"),
     "launch": ("megatron_scpo.launch_plan", "main", "print the per-node commands of a SLURM plan"),
     "data": ("megatron_scpo.data.formats", "main", "convert datasets: gsm8k, math, aime, deepscaler, champ -> JSONL"),
 }
