@@ -10,6 +10,7 @@ is re-raised with the section's key path.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -192,11 +193,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _names_key(msg: str, key: str) -> bool:
+    """Whether error ``msg`` is about ``key`` (``a.b.c``) or one of its parent sections (``a``, ``a.b``)."""
+    parts = key.split(".")
+    return any(re.match(rf"(unknown key )?{re.escape('.'.join(parts[:i]))}[:;]", msg) for i in range(len(parts), 0, -1))
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
-    """Load ``cls`` from a YAML file plus ``key=value`` overrides; errors name the file."""
+    """Load ``cls`` from a YAML file plus ``key=value`` overrides; errors name the file, or the override when the
+    field they name was set on the command line."""
+    overrides = list(overrides)
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
     try:
         return build(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        msg = str(e)
+        given = [ov for ov in overrides if _names_key(msg, ov.split("=", 1)[0].strip())]
+        if given:
+            raise ConfigError(f"override {given[-1]}: {msg}") from None
+        raise ConfigError(f"{path}: {msg}" if path else msg) from None

@@ -39,6 +39,22 @@ def test_bad_values_name_the_key(tmp_path, text, needle):
     assert needle in str(e.value) and str(p) in str(e.value)
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("rl.steps=ten", "override rl.steps=ten: rl.steps: expected an integer"),
+    ("rl.stepz=1", "override rl.stepz=1: unknown key rl.stepz"),
+    ("nosuch.key=1", "override nosuch.key=1: unknown key nosuch"),
+])
+def test_bad_override_is_blamed_on_the_override_not_the_file(tmp_path, override, needle):
+    p = tmp_path / "good.yaml"
+    p.write_text("name: x\nrl: {steps: 3}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["rl.seed=1", override])
+    assert str(e.value).startswith(needle) and str(p) not in str(e.value)
+    p.write_text("name: x\nrl: {steps: three}\n")  # the file's own mistake still names the file
+    with pytest.raises(ConfigError, match=f"^{p}: rl.steps: expected an integer"):
+        load_config(p, ["rl.seed=1"])
+
+
 def test_yaml_syntax_error_names_line(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("name: x\nrollout:\n  n_samples: [1,\n")
