@@ -26,6 +26,17 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def default_file_mode(path: str | Path) -> None:
+    """Give file ``path`` the mode a plain ``open()`` would (0666 & ~umask).
+
+    safetensors (and so transformers' ``save_pretrained``) writes its files 0600: on a shared cluster filesystem
+    another user's SGLang server or job could not read the weights while every side file is readable.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def fsync_tree(path: str | Path) -> None:
     """fsync every file and directory under ``path`` (files first, then their directories)."""
     for root, _dirs, files in os.walk(path, topdown=False):
@@ -63,6 +74,8 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
     ``recover_replaced`` on the parent before reading it, which renames the old copy back.
     """
     src, dst = Path(src), Path(dst)
+    for f in src.rglob("*.safetensors"):
+        default_file_mode(f)
     fsync_tree(src)
     old = dst.with_name(dst.name + ".old" + TMP_SUFFIX)
     if dst.exists():

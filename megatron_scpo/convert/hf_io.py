@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_scpo.atomic import replace_dir
+from megatron_scpo.atomic import default_file_mode, replace_dir
 from megatron_scpo.backend.model import HFArch
 from megatron_scpo.convert.mapping import ConversionError, arch_info, check_hf_names_and_shapes
 
@@ -145,6 +145,7 @@ def write_safetensors(
     def flush() -> None:
         name = f"model-part{len(tmp_names):05d}.safetensors"
         save_file(shard, str(out / name), metadata={"format": "pt"})
+        default_file_mode(out / name)
         tmp_names.append(name)
         for k in shard:
             weight_map[k] = name

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -156,6 +158,9 @@ def test_read_hf_checkpoint_sharded_index_and_missing_shard(tmp_path: Path):
     _, info, got = hf_io.read_hf_checkpoint(sharded)
     assert info.head_dim == 32 and set(got) == set(tensors)
     assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+    umask = os.umask(0)
+    os.umask(umask)  # weight files readable like the side files (safetensors alone writes 0600)
+    assert {oct(stat.S_IMODE((sharded / f).stat().st_mode)) for f in files} == {oct(0o666 & ~umask)}
     (sharded / files[1]).unlink()
     with pytest.raises(ConversionError, match=f"missing shard file.*{files[1]}"):
         hf_io.read_hf_checkpoint(sharded)
