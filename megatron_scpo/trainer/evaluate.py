@@ -8,6 +8,7 @@ The ``scpo eval`` command line (a run's checkpoint or ``--hf``) is eval_cli.py.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,14 +94,21 @@ def evaluate(rt: Any, records: Sequence[Any], label: str, baseline: dict[str, An
     if baseline is not None:
         result["ae_vs_" + baseline["label"]] = ae_score(baseline["pass@1"], result["pass@1"],
                                                         baseline["mean_tokens"], result["mean_tokens"])
-    d = rt.run_dir / "eval"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / f"{label}.json").write_text(json.dumps(result, indent=1))
+    path = write_result(rt.run_dir, result)
     crit = result.get("critical_tokens")
     extra = f" critical {crit:.1f} redundant {result['redundant_tokens']:.1f}" if crit is not None else ""
-    print(f"[eval {label}] pass@1 {100 * result['pass@1']:.1f}% mean tokens {result['mean_tokens']:.1f}{extra}",
-          flush=True)
+    print(f"[eval {label}] pass@1 {100 * result['pass@1']:.1f}% mean tokens {result['mean_tokens']:.1f}{extra}"
+          f" -> {path}", flush=True)
     return result
+
+
+def write_result(out_dir: str | Path, result: dict[str, Any]) -> Path:
+    """``<out_dir>/eval/<label>.json`` (the file `scpo report` reads); returns its path."""
+    d = Path(out_dir) / "eval"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{result['label']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
 
 
 def load_eval(run_dir: str | Path, label: str) -> dict[str, Any] | None:
@@ -131,7 +139,5 @@ def eval_hf(cfg: Any, hf_dir: str | Path, records: Sequence[Any], label: str | N
         engine.shutdown()
     result["label"] = label or Path(hf_dir).name
     result["engine"] = cfg.rollout.engine
-    d = Path(out or ".") / "eval"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / f"{result['label']}.json").write_text(json.dumps(result, indent=1))
+    print(f"[eval {result['label']}] -> {write_result(out or '.', result)}", file=sys.stderr, flush=True)
     return result
