@@ -5,12 +5,13 @@
 #
 # --cpu runs N (default 2) gloo ranks without GPUs and the in-process rollout engine. --colocate starts
 # SGLang servers + router on this node's GPUs before the trainer. Logs go to RUN_DIR/logs/job-local<pid>-r0/.
+# RUN_DIR: --run-dir (keep it to resume), else a new runs/scpo-local<pid> per invocation.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=launch/common.sh
 source "$here/common.sh"
 
-usage() { sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 overrides=()
 while [ $# -gt 0 ]; do
     case "$1" in
