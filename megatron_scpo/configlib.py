@@ -193,10 +193,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _names_key(msg: str, key: str) -> bool:
-    """Whether error ``msg`` is about ``key`` (``a.b.c``) or one of its parent sections (``a``, ``a.b``)."""
+def _names_key(msg: str, key: str) -> str | None:
+    """How error ``msg`` relates to override key ``key`` (``a.b.c``): "key" when it names the key itself or an
+    unknown parent section (``unknown key a``), "section" when it is the section's own check (``a.b: ...``)
+    mentioning the field ``c`` (which may combine it with fields set in the file), else None."""
+    if re.match(rf"(unknown key )?{re.escape(key)}[:;]", msg):
+        return "key"
     parts = key.split(".")
-    return any(re.match(rf"(unknown key )?{re.escape('.'.join(parts[:i]))}[:;]", msg) for i in range(len(parts), 0, -1))
+    for i in range(len(parts) - 1, 0, -1):
+        section = re.escape(".".join(parts[:i]))
+        if re.match(rf"unknown key {section}[:;]", msg):
+            return "key"
+        if re.match(rf"{section}:", msg) and re.search(rf"\b{re.escape(parts[-1])}\b", msg):
+            return "section"
+    return None
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
@@ -209,7 +219,11 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterabl
         return build(cls, data)
     except ConfigError as e:
         msg = str(e)
-        given = [ov for ov in overrides if _names_key(msg, ov.split("=", 1)[0].strip())]
-        if given:
-            raise ConfigError(f"override {given[-1]}: {msg}") from None
+        hits = [(ov, how) for ov in overrides if (how := _names_key(msg, ov.split("=", 1)[0].strip()))]
+        exact = [ov for ov, how in hits if how == "key"]
+        if exact:  # the override alone is wrong
+            raise ConfigError(f"override {exact[-1]}: {msg}") from None
+        if hits:  # a section check over the file's and the overrides' values: name both
+            where = f"{path} with override " if path else "override "
+            raise ConfigError(f"{where}{', '.join(ov for ov, _ in hits)}: {msg}") from None
         raise ConfigError(f"{path}: {msg}" if path else msg) from None

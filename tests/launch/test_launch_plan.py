@@ -187,7 +187,7 @@ def test_rank_coords_match_megatron_rank_generator() -> None:
         ({"nodes": 1, "gpus_per_node": 8, "colocate": True, "master_port": 30020}, [], "collides with SGLang ports"),
         ({"nodes": 1, "gpus_per_node": 8, "colocate": True, "master_port": 29999}, [], "collides"),  # +1 = router
         ({"nodes": 1, "gpus_per_node": 8, "master_port": 70000}, [], r"--master-port=70000 is not a port"),
-        ({"nodes": 1, "gpus_per_node": 8}, ["parallel.tp=0"], r"c\.yaml: parallel: tp.* must be >= 1"),
+        ({"nodes": 1, "gpus_per_node": 8}, ["parallel.tp=0"], r"c\.yaml with override parallel\.tp=0: parallel: tp.* must be >= 1"),
     ],
 )
 def test_bad_allocation_is_one_clear_error(tmp_path: Path, kwargs: dict, overrides: list[str], match: str) -> None:
