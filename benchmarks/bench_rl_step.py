@@ -71,9 +71,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from megatron_scpo.trainer.metrics import PhaseTimer  # the trainer's phase clock: same phases, same sums
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "@@BENCH "  # worker -> parent result lines on stdout
@@ -234,31 +236,16 @@ def write_model(cfg: Any, run_dir: Path) -> Path:
     return hf_dir
 
 
-class _Timed:
-    """Accumulates seconds per phase name."""
-
-    def __init__(self) -> None:
-        self.s: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t
-
-
 class NoStopEngine:
     """Wraps the rollout engine: EOS and stop ids never end a sample (every response is max_new_tokens long)."""
 
-    def __init__(self, engine: Any, timer: _Timed, lengths: LongCotLengths | None = None) -> None:
+    def __init__(self, engine: Any, timer: PhaseTimer, lengths: LongCotLengths | None = None) -> None:
         self._engine, self._timer, self._lengths = engine, timer, lengths
         self.tokens = {"prompt": 0, "response": 0, "samples": 0}
         engine.eos_token_ids = []
 
     def generate(self, prompts: list[list[int]], n: int, params: Any) -> Any:
-        with self._timer("generation"):
+        with self._timer.phase("generation"):
             out = self._engine.generate(prompts, n, dataclasses.replace(params, stop_token_ids=[], stop=[]))
         if self._lengths is not None:  # cut responses to long-tailed lengths (same seed -> same lengths)
             want = iter(r for _, r in self._lengths.sample(len(out), n, random.Random(params.seed)))
@@ -289,7 +276,7 @@ def worker_ours(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     cfg = bench_config(a)
     rt = build_runtime(cfg, Path(a.run_dir))
-    timer = _Timed()
+    timer = PhaseTimer()
     lengths = None
     if a.long_tail:  # the long-CoT length model scaled to gen_len (part 3)
         scale = a.gen_len / 16384
@@ -301,12 +288,12 @@ def worker_ours(a: argparse.Namespace) -> None:
     _emit({"ready": True, "threads": torch.get_num_threads()})
     step = 0
     while _wait_command() == "step":
-        timer.s.clear()
+        timer.seconds.clear()
         engine.tokens.update(prompt=0, response=0, samples=0)
         t0 = time.perf_counter()
         m = rl_step(rt, method, records[step * p:(step + 1) * p], step=step, seed=1000 + step)
         total = time.perf_counter() - t0
-        gen = timer.s.get("generation", 0.0)
+        gen = timer.seconds.get("generation", 0.0)
         ph = {"generation": gen, "grading": m["time/rollout"] - gen, "old_logprob": m["time/old_logprob"],
               "train": m["time/train"], "sync": m["time/sync"]}
         ph["other"] = total - sum(ph.values())
@@ -357,12 +344,12 @@ def worker_trl(a: argparse.Namespace) -> None:
     )
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=targs, train_dataset=ds, processing_class=tok)
-    timer = _Timed()
+    timer = PhaseTimer()
     gen_tokens = {"n": 0, "prompt": 0, "samples": 0}
 
     def wrap(name: str, fn: Any, phase: Any) -> None:
         def timed(*args: Any, **kw: Any) -> Any:
-            with timer(phase() if callable(phase) else phase):
+            with timer.phase(phase() if callable(phase) else phase):
                 out = fn(*args, **kw)
             if name == "_generate":
                 prompt_ids, completion_ids = out[0], out[1]
@@ -387,17 +374,17 @@ def worker_trl(a: argparse.Namespace) -> None:
             if st.global_step % a.updates == 0:
                 if _wait_command() != "step":
                     raise SystemExit(0)
-                timer.s.clear()
+                timer.seconds.clear()
                 gen_tokens.update(n=0, prompt=0, samples=0)
                 state["t0"] = time.perf_counter()
 
         def on_step_end(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
             if st.global_step % a.updates == 0:
                 total = time.perf_counter() - state["t0"]
-                gen = timer.s.get("generation", 0.0)
-                lp = timer.s.get("logps_nograd", 0.0)
-                prep = timer.s.get("prepare", 0.0)
-                rew = timer.s.get("reward", 0.0)
+                gen = timer.seconds.get("generation", 0.0)
+                lp = timer.seconds.get("logps_nograd", 0.0)
+                prep = timer.seconds.get("prepare", 0.0)
+                rew = timer.seconds.get("reward", 0.0)
                 ph = {"generation": gen, "grading": rew, "old_logprob": lp, "train": total - prep, "sync": 0.0,
                       "other": prep - gen - lp - rew}
                 _emit({"step": total, "phases": ph, "response_tokens": float(gen_tokens["n"]),
