@@ -21,7 +21,7 @@ metric is the spec's k3 of old vs current, clamped to [-10, 10]; ``kl`` the k3 v
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from torch import Tensor
 from ._dispatch import Impl, NonFiniteError, check_float, check_same_device, count_launch, resolve_impl
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES: tuple[str, ...] = get_args(AggMode)
 LOG_RATIO_CLAMP = 20.0
 KL_CLAMP = 10.0
 

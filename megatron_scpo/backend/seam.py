@@ -24,7 +24,6 @@ class BatchError(ValueError):
 #: TrainBatch fields with one value per token [B, S] / per row [B]
 PER_TOKEN = ("input_ids", "attention_mask", "loss_mask", "advantages", "old_logprobs", "ref_logprobs",
              "rollout_logprobs")
-PER_ROW = ("eps_low", "eps_high")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ class PaddedBatch:
     def select(self, idx: Sequence[int]) -> PaddedBatch:
         """Rows ``idx`` (for mini-batches), trimmed to their own longest row."""
         ix = torch.as_tensor(list(idx), dtype=torch.long)
-        s = max(self.prompt_lens[i] + self.response_lens[i] for i in idx)
+        lens = self.seq_lens
+        s = max(lens[i] for i in idx)
         return PaddedBatch(self.input_ids[ix, :s], self.attention_mask[ix, :s], self.loss_mask[ix, :s],
                            [self.prompt_lens[i] for i in idx], [self.response_lens[i] for i in idx])
 

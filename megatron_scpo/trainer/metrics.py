@@ -40,7 +40,7 @@ LENGTH_MEAN = "length/mean"  # response tokens per sample (rollout_stats, reject
 ROLLOUT_TOKENS_PER_S = "perf/tokens_per_s"  # generated tokens / rollout seconds (rollout_stats; report.py)
 IMPORTANCE_MEAN = "importance/mean"  # mean step importance of the scored responses (rl.compute_importance)
 # backend train_step metric -> stable name (rl.train_on, sft.sft_train); unlisted keys keep their name
-TRAIN_METRIC_NAMES = {"clip_frac_low": "clip/frac_low", "clip_frac_high": "clip/frac_high", "grad_norm": "grad_norm",
+TRAIN_METRIC_NAMES = {"clip_frac_low": "clip/frac_low", "clip_frac_high": "clip/frac_high",
                       "num_tokens": "train/num_tokens", "skipped": "train/skipped", "kl": "kl/mean",
                       "nonfinite_loss": "train/nonfinite_loss", "nonfinite_grad_norm": "train/nonfinite_grad_norm"}
 # Names the trainer computes from the rollouts in every RL step; a method's own metrics (algo registry's
