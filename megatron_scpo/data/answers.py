@@ -37,12 +37,20 @@ import re
 import threading
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 THINK_CLOSE = "</think>"
 ALT_SEP = " ||| "  # separates alternative gold answers in PromptRecord.answer
 AnswerExtraction = Literal["boxed", "last_number"]
-ANSWER_EXTRACTIONS: tuple[str, ...] = ("boxed", "last_number")
+ANSWER_EXTRACTIONS: tuple[str, ...] = get_args(AnswerExtraction)
+
+
+def check_extraction(extraction: str) -> None:
+    """ValueError naming the choices for an unknown ``data.answer_extraction`` mode."""
+    if extraction not in ANSWER_EXTRACTIONS:
+        raise ValueError(f"answer extraction {extraction!r}; choose one of {list(ANSWER_EXTRACTIONS)}")
+
+
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUM = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _FRAC = re.compile(r"([+-]?)\\frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}|([+-]?)(\d+)\s*/\s*(\d+)")
@@ -272,8 +280,7 @@ def is_correct(response: str, gold: str, require_boxed: bool = True, *,
     Raises:
         ValueError: an unknown ``extraction``.
     """
-    if extraction not in ANSWER_EXTRACTIONS:
-        raise ValueError(f"answer extraction {extraction!r}; choose one of {list(ANSWER_EXTRACTIONS)}")
+    check_extraction(extraction)
     golds = gold_alternatives(gold)
     if not golds:
         return False

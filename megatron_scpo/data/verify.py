@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from megatron_scpo.data.answers import ANSWER_EXTRACTIONS, AnswerExtraction
+from megatron_scpo.data.answers import AnswerExtraction, check_extraction
 
 TruncatedGrading = Literal["wrong", "grade"]
 TRUNCATED_GRADING: tuple[str, ...] = ("wrong", "grade")
@@ -88,8 +88,7 @@ def grade(response: str, gold: str, finish_reason: str, *, prompt: str = "", thi
     """
     if truncated not in TRUNCATED_GRADING:
         raise ValueError(f"truncated grading {truncated!r}; choose one of {list(TRUNCATED_GRADING)}")
-    if extraction not in ANSWER_EXTRACTIONS:
-        raise ValueError(f"answer extraction {extraction!r}; choose one of {list(ANSWER_EXTRACTIONS)}")
+    check_extraction(extraction)
     if finish_reason not in ("stop", "length", "abort"):
         raise ValueError(f"finish_reason {finish_reason!r}; expected stop, length or abort")
     if finish_reason == "abort":
@@ -99,8 +98,6 @@ def grade(response: str, gold: str, finish_reason: str, *, prompt: str = "", thi
         return False
     from megatron_scpo.data import answers  # module attribute: tests may replace answers.is_correct
 
-    if extraction == "boxed":  # the call as before the option existed (tests replace is_correct with 2-arg fakes)
-        return bool(answers.is_correct(response, gold))
     return bool(answers.is_correct(response, gold, extraction=extraction))
 
 

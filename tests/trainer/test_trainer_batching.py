@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from dist_utils import spawn
-from trainer_tiny import TINY_RL
+from trainer_tiny import TINY_RL, parity_correct
 
 from megatron_scpo.trainer.batching import pad_batch
 
@@ -127,7 +127,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
-    answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups: SCPO scores
+    answers.is_correct = parity_correct  # mixed groups: SCPO scores
     cfg = load_config(None, [*TINY_RL, "name=packing", "algo.loss.kl_coef=0.5", "rl.importance_micro_batch=8",
                              "rl.mini_batches=2"])
     rt = build_runtime(cfg, Path(run_dir))

@@ -12,7 +12,7 @@ import json
 import math
 
 import pytest
-from trainer_tiny import TINY_RL, run_tp1_and_tp2
+from trainer_tiny import TINY_RL, parity_correct, run_tp1_and_tp2
 
 METHODS = ["scpo", "grpo", "global_length_penalty", "calibration", "lapo_stage1", "lapo_stage2"]
 
@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
-    answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups, deterministic
+    answers.is_correct = parity_correct  # mixed groups, deterministic
     cfg = _cfg(tp=world)
     rt = build_runtime(cfg, __import__("pathlib").Path(run_dir))
     records = PromptIterator(load_split(cfg.data, "train"), seed=0).next_batch(cfg.rl.prompts_per_step)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainer_tiny import TINY_RL, run_tp1_and_tp2
+from trainer_tiny import TINY_RL, parity_correct, run_tp1_and_tp2
 
 HERE = Path(__file__).parent
 SYNC_SEQUENCE = ["/pause_generation", "/update_weights_from_tensor", "/update_weight_version", "/flush_cache",
@@ -91,7 +91,7 @@ def _worker(rank: int, world: int, out_path: str, run_dir: str) -> None:
     from megatron_scpo.trainer.run import _model_source, _write_tiny_model, build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
-    answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups, deterministic
+    answers.is_correct = parity_correct  # mixed groups, deterministic
     run = Path(run_dir)
     # The server must exist before the runtime attaches: write the run's initial checkpoint first (build_runtime
     # then finds it and loads the same weights into Megatron).
@@ -250,7 +250,7 @@ def _real_worker(rank: int, world: int, out_path: str, run_dir: str, url: str) -
     from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
-    answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0  # mixed groups, deterministic
+    answers.is_correct = parity_correct  # mixed groups, deterministic
     run = Path(run_dir)
     cfg = _real_cfg(url, str(run / "sync"))
     rt = build_runtime(cfg, run)  # the run's init_model was written by the test (the server may serve another)
@@ -361,7 +361,7 @@ def _kill_worker(rank: int, world: int, out_path: str, run_dir: str, url: str, s
     from megatron_scpo.trainer.run import build_runtime, method_for, quiet_warnings
 
     quiet_warnings()
-    answers.is_correct = lambda text, gold, require_boxed=True: len(text) % 2 == 0
+    answers.is_correct = parity_correct
     run = Path(run_dir)
     cfg = _real_cfg(url, str(run / "sync"))
     rt = build_runtime(cfg, run)
