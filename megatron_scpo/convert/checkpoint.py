@@ -31,7 +31,7 @@ from typing import Any
 
 from megatron_scpo.backend.checkpoint import CKPT_META as BACKEND_META_FILE
 from megatron_scpo.backend.model import HFArch
-from megatron_scpo.backend.parallel import barrier, dist_info
+from megatron_scpo.backend.parallel import barrier, check_layout, dist_info, init_parallel
 from megatron_scpo.convert.hf_io import (
     atomic_output_dir,
     check_output_dir,
@@ -60,16 +60,12 @@ MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 def check_layout_fits(info: HFArch, tp: int, pp: int) -> None:
     """TP must divide the heads / KV heads, PP the layers, TP*PP the world size: checked in that order, so
     "tp does not divide heads" is reported as such even in a single process."""
-    from megatron_scpo.backend.parallel import check_layout
-
     kw = dict(num_heads=info.num_heads, num_kv_heads=info.num_kv_heads, num_layers=info.num_layers)
     check_layout(tp * pp, tp, pp, **kw)
     check_layout(dist_info()[1], tp, pp, **kw)
 
 
 def _setup(info: HFArch, tp: int, pp: int) -> None:
-    from megatron_scpo.backend.parallel import init_parallel
-
     check_layout_fits(info, tp, pp)
     init_parallel(tp, pp, num_heads=info.num_heads, num_kv_heads=info.num_kv_heads, num_layers=info.num_layers)
 

@@ -610,7 +610,8 @@ class SGLangEngine:
         out.mkdir(parents=True)
         if self.cfg.model_path:
             copy_side_files(self.cfg.model_path, out)
-        owned = ((n, t.detach().cpu().contiguous().clone()) for n, t in named_tensors)
+        # one host copy per tensor (own storage: tied or reused export buffers never alias in the file)
+        owned = ((n, t.detach().to("cpu", copy=True).contiguous()) for n, t in named_tensors)
         write_safetensors(owned, out, max_shard_bytes=int(self.cfg.weight_bucket_mb * 2**20))
         # flush_cache False: SGLang's in-request flush asserts (and kills the scheduler) when a request is still
         # running, e.g. a router health probe admitted after the pause; we flush afterwards with retries instead
