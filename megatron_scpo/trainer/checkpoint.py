@@ -110,6 +110,16 @@ def hf_saver(policy: Any, source_dir: Path, rank: int, weights: bool) -> Callabl
     return save
 
 
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Every complete checkpoint dir under ``root`` (steps and stage snapshots; not the ``.tmp`` of a save in
+    progress or crashed), by name. Reads only: `scpo eval` asks before anything is built."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.endswith(TMP_SUFFIX)
+                   and (p / STATE_FILE).is_file()), key=lambda p: p.name)
+
+
 class CheckpointManager:
     """Saves/loads trainer checkpoints under ``RUN_DIR/checkpoints`` (the module docstring has the protocol).
 
@@ -145,10 +155,7 @@ class CheckpointManager:
             cand = self.root / ptr.read_text().strip()
             if (cand / STATE_FILE).is_file():
                 return cand
-        if not self.root.is_dir():
-            return None
-        cands = [p for p in self.root.iterdir() if p.is_dir() and not p.name.endswith(TMP_SUFFIX)
-                 and (p / STATE_FILE).is_file()]
+        cands = complete_checkpoints(self.root)
         if not cands:
             return None
         return max(cands, key=lambda p: (json.loads((p / STATE_FILE).read_text()).get("global_step", -1),

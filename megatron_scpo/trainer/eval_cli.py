@@ -21,10 +21,10 @@ from megatron_scpo.trainer.run import build_runtime, preflight
 def _check_checkpoint(run_dir: Path, checkpoint: str | None) -> None:
     """ConfigError (one line, listing what exists) for a run dir without complete checkpoints or an unknown
     ``--checkpoint`` name; reads only, creates nothing."""
-    from megatron_scpo.trainer.checkpoint import STATE_FILE
+    from megatron_scpo.trainer.checkpoint import complete_checkpoints
 
     root = run_dir / "checkpoints"
-    names = sorted(p.name for p in root.iterdir() if (p / STATE_FILE).is_file()) if root.is_dir() else []
+    names = [p.name for p in complete_checkpoints(root)]
     if not names:
         raise ConfigError(f"--run-dir {run_dir}: no complete checkpoint under {root} (is it a `scpo train` run dir?)")
     if checkpoint is not None and checkpoint not in names:
@@ -41,9 +41,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, run_dir: Path, checkpoint: str | 
     _check_checkpoint(run_dir, checkpoint)  # before Megatron is imported or anything is written
     data = preflight(cfg)
     rt = build_runtime(cfg, run_dir)
-    path = rt.ckpt.snapshot(checkpoint) if checkpoint else rt.ckpt.latest()
-    if path is None:
-        raise ConfigError(f"{run_dir}: no checkpoint {checkpoint or 'latest'}")
+    path = rt.ckpt.root / checkpoint if checkpoint else rt.ckpt.latest()  # checked complete above
     rt.ckpt.load(path, load_model=lambda d: rt.policy.load_shards(d, load_optimizer=False))
     rt.sync_weights()
     if out:
