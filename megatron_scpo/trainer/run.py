@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import shutil
 import sys
 import warnings
@@ -136,6 +135,7 @@ def _model_source(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path, Any, Any]
 
 def _write_tiny_model(cfg: ExperimentConfig, out: Path, tok: Any) -> None:
     """Rank 0 writes the randomly initialised tiny model once (temp dir + rename)."""
+    from megatron_scpo.atomic import replace_dir
     from megatron_scpo.data.tiny_model import init_tiny_model
 
     if (out / "config.json").is_file():
@@ -143,7 +143,7 @@ def _write_tiny_model(cfg: ExperimentConfig, out: Path, tok: Any) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     init_tiny_model(tmp, seed=cfg.tiny_model.seed, tokenizer=tok, **cfg.tiny_model.overrides())
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def build_runtime(cfg: ExperimentConfig, run_dir: Path) -> Runtime:
