@@ -113,8 +113,8 @@ class LongCotLengths:
 SOURCE = "megatron_scpo.backend.packing (the trainer's own)"
 
 
-def padding_efficiency(samples: Sequence[tuple[int, int]], mini_batches: int, dp: int, budget: int
-                       ) -> dict[str, float]:
+def padding_efficiency(samples: Sequence[tuple[int, int]], mini_batches: int, dp: int, budget: int,
+                       max_response: int = LongCotLengths.max_response) -> dict[str, float]:
     """Real tokens / computed positions for one step's samples, padded layout vs packed (see module docstring)."""
     from megatron_scpo.backend.packing import balanced_partition as partition
     from megatron_scpo.backend.packing import token_budget_micro_batches as budget_mbs
@@ -149,7 +149,7 @@ def padding_efficiency(samples: Sequence[tuple[int, int]], mini_batches: int, dp
         "dp_balance": statistics.mean(rank_loads) / max(rank_loads),
         "micro_batches_per_rank": statistics.mean(n_mb),
         "mean_response": statistics.mean(r for _, r in samples),
-        "truncated_frac": sum(r >= 16384 for _, r in samples) / len(samples),
+        "truncated_frac": sum(r >= max_response for _, r in samples) / len(samples),
     }
 
 
@@ -157,10 +157,9 @@ def run_padding(a: argparse.Namespace) -> dict[str, Any]:
     model = LongCotLengths(response_mean=a.response_mean, sigma=a.sigma, max_response=a.max_response)
     rng = random.Random(a.seed)
     steps = [model.sample(a.prompts, a.n, rng) for _ in range(a.padding_steps)]
-    source = SOURCE
     rows = []
     for budget in a.budgets:
-        per = [padding_efficiency(s, a.mini_batches, a.dp, budget) for s in steps]
+        per = [padding_efficiency(s, a.mini_batches, a.dp, budget, a.max_response) for s in steps]
         rows.append({"budget": budget, **{k: statistics.mean(p[k] for p in per) for k in per[0]}})
     default = next(r for r in rows if r["budget"] == a.budget)
     print(f"\n## Padding efficiency (real tokens / computed positions), {a.padding_steps} steps of "
@@ -168,7 +167,7 @@ def run_padding(a: argparse.Namespace) -> dict[str, Any]:
     print(f"lengths: prompts U[{model.prompt_min}, {model.prompt_max}], responses log-normal mean "
           f"{model.response_mean:.0f} (sigma {model.sigma}) capped at {model.max_response}: measured mean "
           f"{default['mean_response']:.0f}, {default['truncated_frac']:.1%} at the cap")
-    print(f"packing/partition functions: {source}\n")
+    print(f"packing/partition functions: {SOURCE}\n")
     print("| max_tokens_per_micro_batch | padded [B, S]: train / log-prob pass | packed, PP=1 | packed, PP>1 (one row "
           "length): train / log-prob pass | DP balance (mean/max rank) | micro-batches / rank |")
     print("|---|---|---|---|---|---|")
@@ -186,7 +185,7 @@ def run_padding(a: argparse.Namespace) -> dict[str, Any]:
           "padding (no position is computed) but idle time: equal row counts per rank (trainer/rl.py) with a "
           "long-tailed length distribution leave the longest rank ~{:.0%} above the mean.".format(
               1 / default["dp_balance"] - 1))
-    return {"source": source, "rows": rows, "default_budget": a.budget}
+    return {"source": SOURCE, "rows": rows, "default_budget": a.budget}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,8 +278,8 @@ def worker_ours(a: argparse.Namespace) -> None:
     timer = PhaseTimer()
     lengths = None
     if a.long_tail:  # the long-CoT length model scaled to gen_len (part 3)
-        scale = a.gen_len / 16384
-        lengths = LongCotLengths(response_mean=6000.0 * scale, max_response=a.gen_len)
+        ref = LongCotLengths()
+        lengths = LongCotLengths(response_mean=ref.response_mean * a.gen_len / ref.max_response, max_response=a.gen_len)
     rt.engine = engine = NoStopEngine(rt.engine, timer, lengths)
     method = method_for(cfg, "grpo")
     records = step_records(cfg, a.steps_total)
@@ -571,8 +570,9 @@ def run_packed(a: argparse.Namespace) -> dict[str, Any]:
     print(f"\n## Our RL step, padded vs packed (parallel.packed_sequences + max_tokens_per_micro_batch="
           f"{a.packed_budget}), median of {a.repeats} interleaved steps after {a.warmup} warm-up")
     print(f"same tiny model and prompts ({a.step_prompts} x {a.group}); responses generated to {a.gen_len} tokens "
-          f"then cut to lengths from the long-CoT model scaled by {a.gen_len}/16384 (mean "
-          f"{6000 * a.gen_len / 16384:.0f}, cap {a.gen_len}; identical in both runs), so only the trainer's "
+          f"then cut to lengths from the long-CoT model scaled by {a.gen_len}/{LongCotLengths.max_response} (mean "
+          f"{LongCotLengths.response_mean * a.gen_len / LongCotLengths.max_response:.0f}, cap {a.gen_len}; identical "
+          "in both runs), so only the trainer's "
           "passes differ")
     med: dict[str, dict[str, float]] = {}
     for k, res in results.items():
