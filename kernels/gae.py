@@ -45,7 +45,7 @@ from ._dispatch import (
 
 _SCAN_BLOCK = 64
 _DENSE_BLOCK = 32  # fastest block for the [B, T] token scan on CPU (fewer matmul flops, 2 levels)
-_HORNER_MAX = 128  # fp64 rows up to this wide: the column recurrence (see discounted_suffix_sum)
+_HORNER_MAX = 128  # fp64 token-level rows up to this wide: the column recurrence (see _token_scan)
 
 
 def _horner_suffix_sum(d: torch.Tensor, g: float) -> torch.Tensor:
@@ -61,15 +61,9 @@ def _horner_suffix_sum(d: torch.Tensor, g: float) -> torch.Tensor:
 def discounted_suffix_sum(d: torch.Tensor, g: float, block: int = _SCAN_BLOCK) -> torch.Tensor:
     """``out[:, i] = sum_{m >= i} g^(m-i) d[:, m]`` for d [R, S], vectorized with blocked matmuls.
 
-    fp64 with up to ``_HORNER_MAX`` columns (S-GAE's step grids, the algo's dtype) runs the column recurrence
-    instead: as fast at that width, and it adds in the order of the algo spec
-    (``megatron_scpo.algo.advantages.discounted_reverse_sum``), so the step scan the trainer runs is bitwise
-    equal to the spec. Otherwise blocked matmuls; powers are formed directly (never divided), so long
-    horizons underflow harmlessly to 0.
+    Powers are formed directly (never divided), so long horizons underflow harmlessly to 0.
     """
     r, s = d.shape
-    if s <= _HORNER_MAX and d.dtype == torch.float64:
-        return _horner_suffix_sum(d, g) if s else d.clone()
     k = min(s, block)
     e = torch.arange(k, device=d.device, dtype=torch.float64)
     expo = e[None, :] - e[:, None]
@@ -209,7 +203,13 @@ def _token_scan(r: torch.Tensor, v: torch.Tensor | None, gamma: float, gl: float
     delta = r if v is None else r - v
     if v is not None:
         delta[:, :-1].add_(v[:, 1:], alpha=gamma)
-    adv = discounted_suffix_sum(delta, gl, _DENSE_BLOCK)
+    if delta.dtype == torch.float64 and delta.shape[1] <= _HORNER_MAX:
+        # S-GAE's step grids (step_discounted_sum, the algo's dtype): the column recurrence is as fast at this
+        # width and adds in the order of the spec (megatron_scpo.algo.advantages.discounted_reverse_sum), so the
+        # step scan the trainer runs is bitwise equal to it
+        adv = _horner_suffix_sum(delta, gl)
+    else:
+        adv = discounted_suffix_sum(delta, gl, _DENSE_BLOCK)
     return adv, (adv.clone() if v is None else adv + v)
 
 
@@ -336,7 +336,7 @@ def step_discounted_sum(
     the same scan of the mask (``sum decay^(m-j)`` over valid m, clamped at 1e-12). x float [B, K];
     step_mask bool/0-1 [B, K] whose valid steps are contiguous from column 0 in every row (else ValueError).
     Returns [B, K] (fp64 for fp64 x, else fp32), 0 on padding. torch path: bitwise equal to the spec in fp64
-    for K <= 128 (``discounted_suffix_sum``'s column recurrence); Triton (CUDA tensors): fp32 scan.
+    for K <= 128 (the token scan's column recurrence); Triton (CUDA tensors): fp32 scan.
     """
     check_2d("x", x)
     check_2d("step_mask", step_mask, tuple(x.shape))
