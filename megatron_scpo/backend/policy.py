@@ -151,10 +151,6 @@ class MegatronPolicy:
 
         return parallel_state
 
-    def _micro_batches(self, tensors: dict[str, torch.Tensor], mbs: int) -> list[dict[str, torch.Tensor]]:
-        b = next(iter(tensors.values())).shape[0]
-        return [{k: v[i : i + mbs] for k, v in tensors.items()} for i in range(0, b, mbs)]
-
     def _plan(self, attention_mask: torch.Tensor, mbs: int) -> list[list[int]]:
         """Row indices of each micro-batch.
 
@@ -325,7 +321,7 @@ class MegatronPolicy:
         n_pad = (-b) % mbs  # pad with copies of row 0 so every micro-batch has the same shape
         ids = torch.cat([input_ids, input_ids[:1].expand(n_pad, -1)]) if n_pad else input_ids
         am = torch.cat([attention_mask, attention_mask[:1].expand(n_pad, -1)]) if n_pad else attention_mask
-        mbs_list = self._micro_batches({"input_ids": ids, "attention_mask": am}, mbs)
+        mbs_list = self._packed_micro_batches(ids, am, self._plan(am, mbs))  # padded: runs of mbs rows
         out = self._run_schedule(mbs_list, partial(self._forward_step, collect), forward_only=True, collect=True)
         if self._ps.is_pipeline_last_stage():
             result = torch.cat(list(out), dim=0).float()
